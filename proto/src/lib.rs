@@ -1,0 +1,20 @@
+//! Keys, amounts and signed messages shared by every part of ferry.
+//!
+//! Everything that crosses a trust boundary is defined here once: ed25519
+//! identities and their one text form, exact decimal amounts and per-byte
+//! prices, and the byte layouts that are signed. The layouts are specified in
+//! `docs/PROTOCOL.md`, and `tests/vectors.rs` holds the test vectors that a
+//! client written in another language can check itself against.
+
+mod amount;
+mod keys;
+mod serde_str;
+mod voucher;
+
+pub use amount::{
+    AMOUNT_SCALE, Amount, AmountError, BYTES_PER_GIB, MAX_AMOUNT, PricePerByte, cost,
+};
+pub use keys::{KeyError, PublicKey, SecretKey, Signature, SignatureError};
+pub use voucher::{
+    CHANNEL_ID_TAG, ChannelId, DecodeError, SIGNED_VOUCHER_LEN, SignedVoucher, VOUCHER_TAG, Voucher,
+};
