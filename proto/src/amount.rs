@@ -63,6 +63,8 @@ pub struct Amount {
 impl Amount {
     /// No money.
     pub const ZERO: Amount = Amount { attos: 0 };
+    /// The largest amount: [`MAX_AMOUNT`] units.
+    pub const MAX: Amount = Amount { attos: MAX_ATTOS };
 
     /// The amount of `attos` (10^-18 units), if it is at most [`MAX_AMOUNT`].
     pub fn from_attos(attos: u128) -> Result<Amount, AmountError> {
@@ -435,7 +437,10 @@ mod tests {
         let one = Amount::from_units(1).unwrap();
         assert_eq!(Balance::ZERO.checked_sub(one).unwrap().to_string(), "-1");
         assert_eq!(Balance::from(one).checked_add(one).unwrap().to_amount(), Amount::from_units(2));
-        assert_eq!("10000000000000000000".parse::<Balance>().unwrap().to_string(), "10000000000000000000");
+        assert_eq!(
+            "10000000000000000000".parse::<Balance>().unwrap().to_string(),
+            "10000000000000000000"
+        );
         assert!("--1".parse::<Balance>().is_err());
     }
 

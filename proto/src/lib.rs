@@ -12,7 +12,7 @@ mod serde_str;
 mod voucher;
 
 pub use amount::{
-    AMOUNT_SCALE, Amount, AmountError, BYTES_PER_GIB, MAX_AMOUNT, PricePerByte, cost,
+    AMOUNT_SCALE, Amount, AmountError, BYTES_PER_GIB, Balance, MAX_AMOUNT, PricePerByte, cost,
 };
 pub use keys::{KeyError, PublicKey, SecretKey, Signature, SignatureError};
 pub use voucher::{

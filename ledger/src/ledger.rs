@@ -1,0 +1,731 @@
+//! The ledger's operations: deposits, withdrawals, channels and statements.
+//! Settlement lives in `settle.rs`, the invariant check in `check.rs`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ferry_proto::{Amount, Balance, ChannelId, PublicKey};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+
+use crate::error::LedgerError;
+use crate::model::{
+    AccountKind, AccountRef, BalanceSummary, ChannelInfo, ChannelState, IdempotencyKey, Statement,
+    StatementEntry, TransferKind, TransferReceipt,
+};
+use crate::postings::{Postings, parse_db};
+
+/// The most vouchers one settlement batch may carry.
+pub const MAX_SETTLEMENT_BATCH: usize = 10_000;
+/// The most entries one statement page may hold.
+pub const MAX_STATEMENT_PAGE: u32 = 1_000;
+
+/// The ledger operator's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// The registry's fee on every settled amount, in basis points (1/100 of a
+    /// percent), at most 10,000.
+    pub fee_basis_points: u16,
+    /// How long a relay may still settle after the client asks to close.
+    pub dispute_window: Duration,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> LedgerConfig {
+        LedgerConfig { fee_basis_points: 100, dispute_window: Duration::from_secs(24 * 60 * 60) }
+    }
+}
+
+/// The ledger, over a Postgres pool. Cheap to clone; stateless beyond the
+/// database, so any number of processes may share one database.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pub(crate) pool: PgPool,
+    pub(crate) config: LedgerConfig,
+    pub(crate) world: i64,
+    pub(crate) treasury: i64,
+}
+
+/// Whether an idempotent operation is new or a repeat.
+pub(crate) enum Claim<T> {
+    /// First time: the operations row with this id is claimed.
+    New { operation_id: i64, now: DateTime<Utc> },
+    /// A repeat of a finished operation: its stored answer.
+    Replay(T),
+}
+
+impl Ledger {
+    /// Applies the migrations and opens the ledger.
+    pub async fn open(pool: PgPool, config: LedgerConfig) -> Result<Ledger, LedgerError> {
+        if config.fee_basis_points > 10_000 {
+            return Err(LedgerError::Corrupt(format!(
+                "fee of {} basis points is above 100%",
+                config.fee_basis_points
+            )));
+        }
+        crate::MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|error| LedgerError::Database(sqlx::Error::Migrate(Box::new(error))))?;
+        let system: Vec<(i64, String)> =
+            sqlx::query_as("SELECT id, kind FROM accounts WHERE kind IN ('world', 'treasury')")
+                .fetch_all(&pool)
+                .await?;
+        let find = |kind: &str| {
+            system
+                .iter()
+                .find(|(_, k)| k == kind)
+                .map(|(id, _)| *id)
+                .ok_or_else(|| LedgerError::Corrupt(format!("the {kind} account is missing")))
+        };
+        Ok(Ledger { world: find("world")?, treasury: find("treasury")?, pool, config })
+    }
+
+    /// The Postgres pool the ledger uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The ledger's settings.
+    pub fn config(&self) -> LedgerConfig {
+        self.config
+    }
+
+    /// Moves `amount` from the outside world into `holder`'s account. In a
+    /// deployment the registry operator signs this when a payment arrives.
+    pub async fn deposit(
+        &self,
+        key: &IdempotencyKey,
+        holder: &PublicKey,
+        amount: Amount,
+    ) -> Result<TransferReceipt, LedgerError> {
+        require_positive(amount)?;
+        let holder_account = self.ensure_holder(holder).await?;
+        let request = ("deposit", holder, amount);
+        let mut tx = self.pool.begin().await?;
+        let operation_id = match claim(&mut tx, "deposit", holder, key, &request).await? {
+            Claim::New { operation_id, .. } => operation_id,
+            Claim::Replay(receipt) => return Ok(receipt),
+        };
+        let mut postings = Postings::lock(&mut tx, &[self.world, holder_account]).await?;
+        postings.transfer(TransferKind::Deposit, self.world, holder_account, amount, None)?;
+        let balance = postings.balance(holder_account)?;
+        let receipt = TransferReceipt {
+            transfer_id: first_id(postings.write(&mut tx, operation_id).await?)?,
+            balance,
+        };
+        finish(&mut tx, operation_id, &receipt).await?;
+        tx.commit().await?;
+        Ok(receipt)
+    }
+
+    /// Moves `amount` from `holder`'s account to the outside world.
+    pub async fn withdraw(
+        &self,
+        key: &IdempotencyKey,
+        holder: &PublicKey,
+        amount: Amount,
+    ) -> Result<TransferReceipt, LedgerError> {
+        require_positive(amount)?;
+        let holder_account = self.ensure_holder(holder).await?;
+        let request = ("withdraw", holder, amount);
+        let mut tx = self.pool.begin().await?;
+        let operation_id = match claim(&mut tx, "withdraw", holder, key, &request).await? {
+            Claim::New { operation_id, .. } => operation_id,
+            Claim::Replay(receipt) => return Ok(receipt),
+        };
+        let mut postings = Postings::lock(&mut tx, &[self.world, holder_account]).await?;
+        postings.transfer(TransferKind::Withdrawal, holder_account, self.world, amount, None)?;
+        let balance = postings.balance(holder_account)?;
+        let receipt = TransferReceipt {
+            transfer_id: first_id(postings.write(&mut tx, operation_id).await?)?,
+            balance,
+        };
+        finish(&mut tx, operation_id, &receipt).await?;
+        tx.commit().await?;
+        Ok(receipt)
+    }
+
+    /// Opens a channel from `client` to `relay`, escrowing `amount` from the
+    /// client's account. The channel id is derived from both keys and `nonce`.
+    pub async fn open_channel(
+        &self,
+        key: &IdempotencyKey,
+        client: &PublicKey,
+        relay: &PublicKey,
+        nonce: u64,
+        amount: Amount,
+    ) -> Result<ChannelInfo, LedgerError> {
+        require_positive(amount)?;
+        if client == relay {
+            return Err(LedgerError::SameKey);
+        }
+        let id = ChannelId::derive(client, relay, nonce);
+        // Holder accounts are created in their own statements, in key order,
+        // before the transaction: creating an empty account changes no money,
+        // and it keeps account creation out of the locking order.
+        let (first, second) = if client < relay { (client, relay) } else { (relay, client) };
+        self.ensure_holder(first).await?;
+        self.ensure_holder(second).await?;
+        let client_account = self.ensure_holder(client).await?;
+
+        let request = ("open_channel", client, relay, nonce, amount);
+        let mut tx = self.pool.begin().await?;
+        let operation_id = match claim(&mut tx, "open_channel", client, key, &request).await? {
+            Claim::New { operation_id, .. } => operation_id,
+            Claim::Replay(channel) => return Ok(channel),
+        };
+        let escrow: i64 =
+            sqlx::query_scalar("INSERT INTO accounts (kind) VALUES ('escrow') RETURNING id")
+                .fetch_one(&mut *tx)
+                .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO channels (id, client_key, relay_key, nonce, escrow_account, state, deposited) \
+             VALUES ($1, $2, $3, $4, $5, 'open', $6::numeric) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.as_bytes().as_slice())
+        .bind(client.as_bytes().as_slice())
+        .bind(relay.as_bytes().as_slice())
+        .bind(nonce.to_be_bytes().as_slice())
+        .bind(escrow)
+        .bind(amount.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(LedgerError::ChannelExists(id));
+        }
+        let mut postings = Postings::lock(&mut tx, &[client_account, escrow]).await?;
+        postings.transfer(TransferKind::Funding, client_account, escrow, amount, Some(id))?;
+        postings.write(&mut tx, operation_id).await?;
+        let channel = load_channel(&mut tx, &id, false).await?.into_info()?;
+        finish(&mut tx, operation_id, &channel).await?;
+        tx.commit().await?;
+        Ok(channel)
+    }
+
+    /// Adds `amount` from the client's account to an open channel's escrow.
+    pub async fn top_up(
+        &self,
+        key: &IdempotencyKey,
+        client: &PublicKey,
+        channel: &ChannelId,
+        amount: Amount,
+    ) -> Result<ChannelInfo, LedgerError> {
+        require_positive(amount)?;
+        let request = ("top_up", client, channel, amount);
+        let mut tx = self.pool.begin().await?;
+        let operation_id = match claim(&mut tx, "top_up", client, key, &request).await? {
+            Claim::New { operation_id, .. } => operation_id,
+            Claim::Replay(channel) => return Ok(channel),
+        };
+        let mut row = load_channel(&mut tx, channel, true).await?;
+        row.require_client(client)?;
+        row.require_state(ChannelState::Open)?;
+        let client_account = self.holder_account(&mut tx, client).await?;
+        let mut postings = Postings::lock(&mut tx, &[client_account, row.escrow_account]).await?;
+        postings.transfer(
+            TransferKind::Funding,
+            client_account,
+            row.escrow_account,
+            amount,
+            Some(*channel),
+        )?;
+        row.deposited = row.deposited.checked_add(amount)?;
+        postings.write(&mut tx, operation_id).await?;
+        save_channel(&mut tx, &row).await?;
+        let info = row.into_info()?;
+        finish(&mut tx, operation_id, &info).await?;
+        tx.commit().await?;
+        Ok(info)
+    }
+
+    /// The client asks to close an open channel. The relay may still settle
+    /// until the dispute deadline (now + the dispute window); after it,
+    /// [`Ledger::finalize`] returns the rest to the client.
+    pub async fn request_close(
+        &self,
+        key: &IdempotencyKey,
+        client: &PublicKey,
+        channel: &ChannelId,
+    ) -> Result<ChannelInfo, LedgerError> {
+        let request = ("request_close", client, channel);
+        let mut tx = self.pool.begin().await?;
+        let (operation_id, now) =
+            match claim(&mut tx, "request_close", client, key, &request).await? {
+                Claim::New { operation_id, now } => (operation_id, now),
+                Claim::Replay(channel) => return Ok(channel),
+            };
+        let mut row = load_channel(&mut tx, channel, true).await?;
+        row.require_client(client)?;
+        row.require_state(ChannelState::Open)?;
+        let window = chrono::Duration::from_std(self.config.dispute_window)
+            .map_err(|_| LedgerError::Corrupt("dispute window out of range".into()))?;
+        row.state = ChannelState::Closing;
+        row.close_requested_at = Some(now);
+        row.dispute_deadline = Some(now + window);
+        save_channel(&mut tx, &row).await?;
+        let info = row.into_info()?;
+        finish(&mut tx, operation_id, &info).await?;
+        tx.commit().await?;
+        Ok(info)
+    }
+
+    /// Closes a closing channel whose dispute window has passed and returns
+    /// what its escrow holds to the client. Anyone may ask; the operation is
+    /// idempotent in the client's namespace.
+    pub async fn finalize(
+        &self,
+        key: &IdempotencyKey,
+        channel: &ChannelId,
+    ) -> Result<ChannelInfo, LedgerError> {
+        // The client key never changes, so it can be read before locking.
+        let client = load_channel(&mut *self.pool.acquire().await?, channel, false).await?.client;
+        let request = ("finalize", channel);
+        let mut tx = self.pool.begin().await?;
+        let (operation_id, now) = match claim(&mut tx, "finalize", &client, key, &request).await? {
+            Claim::New { operation_id, now } => (operation_id, now),
+            Claim::Replay(channel) => return Ok(channel),
+        };
+        let mut row = load_channel(&mut tx, channel, true).await?;
+        row.require_state(ChannelState::Closing)?;
+        if let Some(deadline) = row.dispute_deadline.filter(|deadline| now <= *deadline) {
+            return Err(LedgerError::DisputeWindowOpen { deadline });
+        }
+        let client_account = self.holder_account(&mut tx, &client).await?;
+        let mut postings = Postings::lock(&mut tx, &[client_account, row.escrow_account]).await?;
+        self.refund_and_close(&mut postings, &mut row, client_account, now)?;
+        postings.write(&mut tx, operation_id).await?;
+        save_channel(&mut tx, &row).await?;
+        let info = row.into_info()?;
+        finish(&mut tx, operation_id, &info).await?;
+        tx.commit().await?;
+        Ok(info)
+    }
+
+    /// A channel's current state.
+    pub async fn channel(&self, channel: &ChannelId) -> Result<ChannelInfo, LedgerError> {
+        load_channel(&mut *self.pool.acquire().await?, channel, false).await?.into_info()
+    }
+
+    /// The channels where `key` is the client or the relay, newest first.
+    pub async fn channels_of(&self, key: &PublicKey) -> Result<Vec<ChannelInfo>, LedgerError> {
+        let rows = sqlx::query(select_channels!(
+            "WHERE client_key = $1 OR relay_key = $1 ORDER BY opened_at DESC, id"
+        ))
+        .bind(key.as_bytes().as_slice())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| ChannelRow::from_row(row)?.into_info()).collect()
+    }
+
+    /// A key's money at a glance: available, in escrow as a client, and earned
+    /// as a relay.
+    pub async fn balance(&self, holder: &PublicKey) -> Result<BalanceSummary, LedgerError> {
+        let row = sqlx::query(
+            "SELECT \
+               (SELECT balance FROM accounts WHERE holder_key = $1)::text AS available, \
+               (SELECT coalesce(sum(a.balance), 0) FROM channels c \
+                  JOIN accounts a ON a.id = c.escrow_account \
+                 WHERE c.client_key = $1)::text AS in_escrow, \
+               (SELECT coalesce(sum(t.amount), 0) FROM transfers t \
+                  JOIN accounts a ON a.id = t.credit_account \
+                 WHERE a.holder_key = $1 AND t.kind = 'settlement')::text AS earned",
+        )
+        .bind(holder.as_bytes().as_slice())
+        .fetch_one(&self.pool)
+        .await?;
+        let available: Option<String> = row.try_get("available")?;
+        Ok(BalanceSummary {
+            available: available.as_deref().map(parse_db).transpose()?.unwrap_or(Amount::ZERO),
+            in_escrow: parse_db(&row.try_get::<String, _>("in_escrow")?)?,
+            earned: parse_db(&row.try_get::<String, _>("earned")?)?,
+        })
+    }
+
+    /// A page of an account's transfers, newest first: at most `limit`
+    /// entries older than transfer `before` (or the newest when `None`).
+    pub async fn statement(
+        &self,
+        account: AccountRef,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Statement, LedgerError> {
+        if limit == 0 || limit > MAX_STATEMENT_PAGE {
+            return Err(LedgerError::PageSize { got: limit, max: MAX_STATEMENT_PAGE });
+        }
+        let mut conn = self.pool.acquire().await?;
+        let account_id = match account {
+            AccountRef::World => Some(self.world),
+            AccountRef::Treasury => Some(self.treasury),
+            AccountRef::Holder { key } => {
+                sqlx::query_scalar("SELECT id FROM accounts WHERE holder_key = $1")
+                    .bind(key.as_bytes().as_slice())
+                    .fetch_optional(&mut *conn)
+                    .await?
+            }
+            AccountRef::Escrow { channel } => {
+                Some(load_channel(&mut conn, &channel, false).await?.escrow_account)
+            }
+        };
+        let Some(account_id) = account_id else {
+            // A key that never had money has an empty statement.
+            return Ok(Statement {
+                account,
+                balance: Balance::ZERO,
+                entries: Vec::new(),
+                next_before: None,
+            });
+        };
+        let balance: String =
+            sqlx::query_scalar("SELECT balance::text FROM accounts WHERE id = $1")
+                .bind(account_id)
+                .fetch_one(&mut *conn)
+                .await?;
+        let rows = sqlx::query(
+            "SELECT t.id, t.kind, t.amount::text AS amount, t.created_at, \
+                    (t.debit_account = $1) AS outgoing, \
+                    (CASE WHEN t.debit_account = $1 THEN t.debit_balance_after \
+                          ELSE t.credit_balance_after END)::text AS balance_after, \
+                    o.kind AS other_kind, o.holder_key AS other_holder, c.id AS other_channel \
+             FROM transfers t \
+             JOIN accounts o ON o.id = CASE WHEN t.debit_account = $1 \
+                                            THEN t.credit_account ELSE t.debit_account END \
+             LEFT JOIN channels c ON c.escrow_account = o.id \
+             WHERE (t.debit_account = $1 OR t.credit_account = $1) AND t.id < $2 \
+             ORDER BY t.id DESC LIMIT $3",
+        )
+        .bind(account_id)
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let amount: Amount = parse_db(&row.try_get::<String, _>("amount")?)?;
+            let change = if row.try_get("outgoing")? {
+                Balance::ZERO.checked_sub(amount)?
+            } else {
+                Balance::from(amount)
+            };
+            entries.push(StatementEntry {
+                transfer_id: row.try_get("id")?,
+                kind: row.try_get::<String, _>("kind")?.parse().map_err(LedgerError::Corrupt)?,
+                change,
+                balance_after: parse_db(&row.try_get::<String, _>("balance_after")?)?,
+                counterparty: account_ref(
+                    &row.try_get::<String, _>("other_kind")?,
+                    row.try_get("other_holder")?,
+                    row.try_get("other_channel")?,
+                )?,
+                at: row.try_get("created_at")?,
+            });
+        }
+        let next_before = if entries.len() == limit as usize {
+            entries.last().map(|entry| entry.transfer_id)
+        } else {
+            None
+        };
+        Ok(Statement { account, balance: parse_db(&balance)?, entries, next_before })
+    }
+
+    /// Returns the escrow's remainder to the client and marks the channel
+    /// closed. The caller has locked the channel, the escrow and the client.
+    pub(crate) fn refund_and_close(
+        &self,
+        postings: &mut Postings,
+        row: &mut ChannelRow,
+        client_account: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(), LedgerError> {
+        let rest = row.escrow()?;
+        postings.transfer(
+            TransferKind::Refund,
+            row.escrow_account,
+            client_account,
+            rest,
+            Some(row.id),
+        )?;
+        row.refunded = row.refunded.checked_add(rest)?;
+        row.state = ChannelState::Closed;
+        row.closed_at = Some(now);
+        Ok(())
+    }
+
+    /// The id of `key`'s holder account, creating the account if needed.
+    pub(crate) async fn ensure_holder(&self, key: &PublicKey) -> Result<i64, LedgerError> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO accounts (kind, holder_key) VALUES ('holder', $1) \
+             ON CONFLICT (holder_key) DO NOTHING RETURNING id",
+        )
+        .bind(key.as_bytes().as_slice())
+        .fetch_optional(&self.pool)
+        .await?;
+        match id {
+            Some(id) => Ok(id),
+            None => self.holder_account(&mut *self.pool.acquire().await?, key).await,
+        }
+    }
+
+    /// The id of `key`'s holder account, which must exist.
+    pub(crate) async fn holder_account(
+        &self,
+        conn: &mut PgConnection,
+        key: &PublicKey,
+    ) -> Result<i64, LedgerError> {
+        sqlx::query_scalar("SELECT id FROM accounts WHERE holder_key = $1")
+            .bind(key.as_bytes().as_slice())
+            .fetch_optional(conn)
+            .await?
+            .ok_or_else(|| LedgerError::Corrupt(format!("no account for channel party {key}")))
+    }
+}
+
+fn require_positive(amount: Amount) -> Result<(), LedgerError> {
+    if amount.is_zero() { Err(LedgerError::ZeroAmount) } else { Ok(()) }
+}
+
+fn first_id(ids: Vec<i64>) -> Result<i64, LedgerError> {
+    ids.first().copied().ok_or_else(|| LedgerError::Corrupt("no transfer was written".into()))
+}
+
+fn account_ref(
+    kind: &str,
+    holder: Option<Vec<u8>>,
+    channel: Option<Vec<u8>>,
+) -> Result<AccountRef, LedgerError> {
+    Ok(match kind.parse().map_err(LedgerError::Corrupt)? {
+        AccountKind::World => AccountRef::World,
+        AccountKind::Treasury => AccountRef::Treasury,
+        AccountKind::Holder => AccountRef::Holder { key: key_from_db(holder.as_deref())? },
+        AccountKind::Escrow => {
+            AccountRef::Escrow { channel: channel_id_from_db(channel.as_deref())? }
+        }
+    })
+}
+
+/// Claims the idempotency key `key` in `scope`'s namespace for this request,
+/// or returns the stored answer of the same request made before. A concurrent
+/// twin waits on the claimed row until this transaction ends.
+pub(crate) async fn claim<T: DeserializeOwned>(
+    tx: &mut Transaction<'static, Postgres>,
+    kind: &str,
+    scope: &PublicKey,
+    key: &IdempotencyKey,
+    request: &impl Serialize,
+) -> Result<Claim<T>, LedgerError> {
+    let body = serde_json::to_vec(request)
+        .map_err(|error| LedgerError::Corrupt(format!("encoding a request: {error}")))?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(kind.as_bytes()).update(&[0]).update(&body);
+    let request_hash = hasher.finalize();
+    let claimed: Option<(i64, DateTime<Utc>)> = sqlx::query_as(
+        "INSERT INTO operations (scope_key, idempotency_key, kind, request_hash) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (scope_key, idempotency_key) DO NOTHING \
+         RETURNING id, created_at",
+    )
+    .bind(scope.as_bytes().as_slice())
+    .bind(key.as_str())
+    .bind(kind)
+    .bind(request_hash.as_bytes().as_slice())
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some((operation_id, now)) = claimed {
+        return Ok(Claim::New { operation_id, now });
+    }
+    let (stored_kind, stored_hash, response): (String, Vec<u8>, Option<serde_json::Value>) =
+        sqlx::query_as(
+            "SELECT kind, request_hash, response FROM operations \
+             WHERE scope_key = $1 AND idempotency_key = $2",
+        )
+        .bind(scope.as_bytes().as_slice())
+        .bind(key.as_str())
+        .fetch_one(&mut **tx)
+        .await?;
+    if stored_kind != kind || stored_hash.as_slice() != request_hash.as_bytes() {
+        return Err(LedgerError::IdempotencyConflict(key.to_string()));
+    }
+    let response =
+        response.ok_or_else(|| LedgerError::Corrupt(format!("operation {key} has no response")))?;
+    serde_json::from_value(response)
+        .map(Claim::Replay)
+        .map_err(|error| LedgerError::Corrupt(format!("stored response of {key}: {error}")))
+}
+
+/// Stores the answer of a claimed operation, for replays.
+pub(crate) async fn finish(
+    tx: &mut Transaction<'static, Postgres>,
+    operation_id: i64,
+    response: &impl Serialize,
+) -> Result<(), LedgerError> {
+    let response = serde_json::to_value(response)
+        .map_err(|error| LedgerError::Corrupt(format!("encoding a response: {error}")))?;
+    sqlx::query("UPDATE operations SET response = $2 WHERE id = $1")
+        .bind(operation_id)
+        .bind(response)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// `SELECT`s the columns of channel rows, in the form [`ChannelRow::from_row`]
+/// reads, followed by the rest of the query (a string literal).
+macro_rules! select_channels {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, client_key, relay_key, nonce, escrow_account, state, ",
+            "deposited::text AS deposited, settled::text AS settled, refunded::text AS refunded, ",
+            "last_sequence, opened_at, close_requested_at, dispute_deadline, closed_at ",
+            "FROM channels ",
+            $rest
+        )
+    };
+}
+pub(crate) use select_channels;
+
+/// A channel row, read (and usually locked) by the current transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct ChannelRow {
+    pub(crate) id: ChannelId,
+    pub(crate) client: PublicKey,
+    pub(crate) relay: PublicKey,
+    pub(crate) nonce: u64,
+    pub(crate) escrow_account: i64,
+    pub(crate) state: ChannelState,
+    pub(crate) deposited: Amount,
+    pub(crate) settled: Amount,
+    pub(crate) refunded: Amount,
+    pub(crate) last_sequence: u64,
+    pub(crate) opened_at: DateTime<Utc>,
+    pub(crate) close_requested_at: Option<DateTime<Utc>>,
+    pub(crate) dispute_deadline: Option<DateTime<Utc>>,
+    pub(crate) closed_at: Option<DateTime<Utc>>,
+}
+
+impl ChannelRow {
+    pub(crate) fn from_row(row: &PgRow) -> Result<ChannelRow, LedgerError> {
+        let nonce: Vec<u8> = row.try_get("nonce")?;
+        let nonce: [u8; 8] = nonce
+            .try_into()
+            .map_err(|_| LedgerError::Corrupt("channel nonce is not 8 bytes".into()))?;
+        let last_sequence: i64 = row.try_get("last_sequence")?;
+        Ok(ChannelRow {
+            id: channel_id_from_db(Some(&row.try_get::<Vec<u8>, _>("id")?))?,
+            client: key_from_db(Some(&row.try_get::<Vec<u8>, _>("client_key")?))?,
+            relay: key_from_db(Some(&row.try_get::<Vec<u8>, _>("relay_key")?))?,
+            nonce: u64::from_be_bytes(nonce),
+            escrow_account: row.try_get("escrow_account")?,
+            state: row.try_get::<String, _>("state")?.parse().map_err(LedgerError::Corrupt)?,
+            deposited: parse_db(&row.try_get::<String, _>("deposited")?)?,
+            settled: parse_db(&row.try_get::<String, _>("settled")?)?,
+            refunded: parse_db(&row.try_get::<String, _>("refunded")?)?,
+            last_sequence: u64::try_from(last_sequence)
+                .map_err(|_| LedgerError::Corrupt("negative channel sequence".into()))?,
+            opened_at: row.try_get("opened_at")?,
+            close_requested_at: row.try_get("close_requested_at")?,
+            dispute_deadline: row.try_get("dispute_deadline")?,
+            closed_at: row.try_get("closed_at")?,
+        })
+    }
+
+    /// What the escrow holds: deposited - settled - refunded.
+    pub(crate) fn escrow(&self) -> Result<Amount, LedgerError> {
+        Ok(self.deposited.checked_sub(self.settled)?.checked_sub(self.refunded)?)
+    }
+
+    pub(crate) fn require_client(&self, client: &PublicKey) -> Result<(), LedgerError> {
+        if self.client != *client {
+            return Err(LedgerError::NotParticipant { role: "client" });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn require_state(&self, state: ChannelState) -> Result<(), LedgerError> {
+        if self.state != state {
+            return Err(LedgerError::WrongState { channel: self.id, state: self.state });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn into_info(self) -> Result<ChannelInfo, LedgerError> {
+        Ok(ChannelInfo {
+            escrow: self.escrow()?,
+            id: self.id,
+            client: self.client,
+            relay: self.relay,
+            nonce: self.nonce,
+            state: self.state,
+            deposited: self.deposited,
+            settled: self.settled,
+            refunded: self.refunded,
+            last_sequence: self.last_sequence,
+            opened_at: self.opened_at,
+            close_requested_at: self.close_requested_at,
+            dispute_deadline: self.dispute_deadline,
+            closed_at: self.closed_at,
+        })
+    }
+}
+
+/// Reads a channel, locking it (`FOR UPDATE`) when `lock` is set.
+pub(crate) async fn load_channel(
+    conn: &mut PgConnection,
+    channel: &ChannelId,
+    lock: bool,
+) -> Result<ChannelRow, LedgerError> {
+    let query = if lock {
+        select_channels!("WHERE id = $1 FOR UPDATE")
+    } else {
+        select_channels!("WHERE id = $1")
+    };
+    let row = sqlx::query(query)
+        .bind(channel.as_bytes().as_slice())
+        .fetch_optional(conn)
+        .await?
+        .ok_or(LedgerError::UnknownChannel(*channel))?;
+    ChannelRow::from_row(&row)
+}
+
+/// Writes back a channel's mutable columns.
+pub(crate) async fn save_channel(
+    conn: &mut PgConnection,
+    row: &ChannelRow,
+) -> Result<(), LedgerError> {
+    let last_sequence = i64::try_from(row.last_sequence)
+        .map_err(|_| LedgerError::Corrupt("sequence above 2^63 - 1".into()))?;
+    sqlx::query(
+        "UPDATE channels SET state = $2, deposited = $3::numeric, settled = $4::numeric, \
+           refunded = $5::numeric, last_sequence = $6, close_requested_at = $7, \
+           dispute_deadline = $8, closed_at = $9 \
+         WHERE id = $1",
+    )
+    .bind(row.id.as_bytes().as_slice())
+    .bind(row.state.as_str())
+    .bind(row.deposited.to_string())
+    .bind(row.settled.to_string())
+    .bind(row.refunded.to_string())
+    .bind(last_sequence)
+    .bind(row.close_requested_at)
+    .bind(row.dispute_deadline)
+    .bind(row.closed_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub(crate) fn key_from_db(bytes: Option<&[u8]>) -> Result<PublicKey, LedgerError> {
+    let bytes: &[u8; 32] = bytes
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| LedgerError::Corrupt("a stored key is not 32 bytes".into()))?;
+    PublicKey::from_bytes(bytes)
+        .map_err(|error| LedgerError::Corrupt(format!("stored key: {error}")))
+}
+
+pub(crate) fn channel_id_from_db(bytes: Option<&[u8]>) -> Result<ChannelId, LedgerError> {
+    bytes
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .map(ChannelId::from_bytes)
+        .ok_or_else(|| LedgerError::Corrupt("a stored channel id is not 32 bytes".into()))
+}

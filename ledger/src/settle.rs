@@ -1,0 +1,349 @@
+//! Settling vouchers: in batches, and as part of a relay's close.
+//!
+//! Signatures are verified before the transaction, on all cores, against the
+//! channels' client keys (which never change), so that locks are held only for
+//! the bookkeeping. The transaction then locks the batch's channels in id
+//! order, judges every voucher against the locked rows in the order given, and
+//! writes all transfers, balances and channel updates with a handful of
+//! set-based statements, whatever the batch size.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use ferry_proto::{Amount, ChannelId, PublicKey, SignedVoucher};
+
+use crate::error::LedgerError;
+use crate::ledger::{
+    ChannelRow, Claim, Ledger, MAX_SETTLEMENT_BATCH, claim, finish, key_from_db, load_channel,
+    save_channel, select_channels,
+};
+use crate::model::{
+    ChannelInfo, ChannelState, IdempotencyKey, Rejection, SettlementOutcome, TransferKind,
+};
+use crate::postings::Postings;
+
+/// Below this many vouchers, signatures are verified on the calling thread.
+const PARALLEL_VERIFY_MIN: usize = 64;
+
+/// What a valid voucher does to its channel.
+enum Verdict {
+    /// Pay this much more (the increase over what was settled).
+    Pay(Amount),
+    /// The same voucher was settled before.
+    AlreadySettled,
+}
+
+impl Ledger {
+    /// Settles a batch of vouchers for `relay`. Each voucher gets its own
+    /// outcome, in the order given; a rejected voucher does not affect the
+    /// others. Vouchers for one channel may repeat: each is judged against the
+    /// channel as the earlier ones left it.
+    pub async fn settle(
+        &self,
+        key: &IdempotencyKey,
+        relay: &PublicKey,
+        vouchers: &[SignedVoucher],
+    ) -> Result<Vec<SettlementOutcome>, LedgerError> {
+        if vouchers.len() > MAX_SETTLEMENT_BATCH {
+            return Err(LedgerError::BatchTooLarge {
+                got: vouchers.len(),
+                max: MAX_SETTLEMENT_BATCH,
+            });
+        }
+        let mut ids: Vec<ChannelId> = vouchers.iter().map(|v| v.voucher.channel).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let signature_ok = self.verify_signatures(&ids, vouchers).await?;
+
+        let request = ("settle", relay, vouchers);
+        let mut tx = self.pool.begin().await?;
+        let (operation_id, now) = match claim(&mut tx, "settle", relay, key, &request).await? {
+            Claim::New { operation_id, now } => (operation_id, now),
+            Claim::Replay(outcomes) => return Ok(outcomes),
+        };
+        let id_bytes: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
+        let rows = sqlx::query(select_channels!("WHERE id = ANY($1) ORDER BY id FOR UPDATE"))
+            .bind(&id_bytes)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut channels = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let row = ChannelRow::from_row(row)?;
+            channels.insert(row.id, row);
+        }
+
+        let mut outcomes = Vec::with_capacity(vouchers.len());
+        let mut payments: Vec<(ChannelId, Amount)> = Vec::new();
+        for (voucher, signature_ok) in vouchers.iter().zip(&signature_ok) {
+            let channel = voucher.voucher.channel;
+            let sequence = voucher.voucher.sequence;
+            let verdict = match channels.get(&channel) {
+                None => Err(Rejection::UnknownChannel),
+                Some(row) => judge(row, relay, voucher, *signature_ok, now),
+            };
+            outcomes.push(match verdict {
+                Err(reason) => SettlementOutcome::Rejected { channel, sequence, reason },
+                Ok(Verdict::AlreadySettled) => {
+                    SettlementOutcome::AlreadySettled { channel, sequence }
+                }
+                Ok(Verdict::Pay(increase)) => {
+                    let row = channels
+                        .get_mut(&channel)
+                        .ok_or_else(|| LedgerError::Corrupt("judged channel vanished".into()))?;
+                    row.settled = voucher.voucher.cumulative;
+                    row.last_sequence = sequence;
+                    payments.push((channel, increase));
+                    let fee = increase.basis_points(self.config.fee_basis_points);
+                    SettlementOutcome::Settled {
+                        channel,
+                        sequence,
+                        paid: increase.checked_sub(fee)?,
+                        fee,
+                    }
+                }
+            });
+        }
+
+        if !payments.is_empty() {
+            let relay_account = self.holder_account(&mut tx, relay).await?;
+            let mut account_ids: Vec<i64> = vec![relay_account, self.treasury];
+            for (channel, _) in &payments {
+                account_ids.push(channel_row(&channels, channel)?.escrow_account);
+            }
+            let mut postings = Postings::lock(&mut tx, &account_ids).await?;
+            for (channel, increase) in &payments {
+                let escrow = channel_row(&channels, channel)?.escrow_account;
+                self.pay(&mut postings, escrow, relay_account, *channel, *increase)?;
+            }
+            postings.write(&mut tx, operation_id).await?;
+            self.save_settled(&mut tx, &channels, &payments).await?;
+        }
+        finish(&mut tx, operation_id, &outcomes).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// The relay closes a channel at once: it settles `final_voucher` (if
+    /// any) and the rest of the escrow goes back to the client. A final
+    /// voucher that is rejected fails the whole close, which changes nothing.
+    pub async fn close_by_relay(
+        &self,
+        key: &IdempotencyKey,
+        relay: &PublicKey,
+        channel: &ChannelId,
+        final_voucher: Option<&SignedVoucher>,
+    ) -> Result<ChannelInfo, LedgerError> {
+        if final_voucher.is_some_and(|voucher| voucher.voucher.channel != *channel) {
+            return Err(LedgerError::VoucherRejected(Rejection::UnknownChannel));
+        }
+        let signature_ok = match final_voucher {
+            Some(voucher) => {
+                self.verify_signatures(&[*channel], std::slice::from_ref(voucher)).await?
+            }
+            None => Vec::new(),
+        };
+        let request = ("close_by_relay", relay, channel, final_voucher);
+        let mut tx = self.pool.begin().await?;
+        let (operation_id, now) =
+            match claim(&mut tx, "close_by_relay", relay, key, &request).await? {
+                Claim::New { operation_id, now } => (operation_id, now),
+                Claim::Replay(info) => return Ok(info),
+            };
+        let mut row = load_channel(&mut tx, channel, true).await?;
+        if row.relay != *relay {
+            return Err(LedgerError::NotParticipant { role: "relay" });
+        }
+        if row.state == ChannelState::Closed {
+            return Err(LedgerError::WrongState { channel: *channel, state: row.state });
+        }
+        let increase = match (final_voucher, signature_ok.first()) {
+            (Some(voucher), Some(signature_ok)) => {
+                match judge(&row, relay, voucher, *signature_ok, now) {
+                    Ok(Verdict::Pay(increase)) => {
+                        row.settled = voucher.voucher.cumulative;
+                        row.last_sequence = voucher.voucher.sequence;
+                        increase
+                    }
+                    Ok(Verdict::AlreadySettled) => Amount::ZERO,
+                    Err(reason) => return Err(LedgerError::VoucherRejected(reason)),
+                }
+            }
+            _ => Amount::ZERO,
+        };
+        let relay_account = self.holder_account(&mut tx, relay).await?;
+        let client_account = self.holder_account(&mut tx, &row.client).await?;
+        let mut postings = Postings::lock(
+            &mut tx,
+            &[relay_account, client_account, self.treasury, row.escrow_account],
+        )
+        .await?;
+        self.pay(&mut postings, row.escrow_account, relay_account, *channel, increase)?;
+        self.refund_and_close(&mut postings, &mut row, client_account, now)?;
+        postings.write(&mut tx, operation_id).await?;
+        save_channel(&mut tx, &row).await?;
+        let info = row.into_info()?;
+        finish(&mut tx, operation_id, &info).await?;
+        tx.commit().await?;
+        Ok(info)
+    }
+
+    /// Pays `increase` out of a channel's escrow: the fee to the treasury and
+    /// the rest to the relay.
+    fn pay(
+        &self,
+        postings: &mut Postings,
+        escrow: i64,
+        relay_account: i64,
+        channel: ChannelId,
+        increase: Amount,
+    ) -> Result<(), LedgerError> {
+        let fee = increase.basis_points(self.config.fee_basis_points);
+        let paid = increase.checked_sub(fee)?;
+        postings.transfer(TransferKind::Settlement, escrow, relay_account, paid, Some(channel))?;
+        postings.transfer(TransferKind::Fee, escrow, self.treasury, fee, Some(channel))
+    }
+
+    /// Writes the new settled amount and sequence of every paid channel.
+    async fn save_settled(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        channels: &HashMap<ChannelId, ChannelRow>,
+        payments: &[(ChannelId, Amount)],
+    ) -> Result<(), LedgerError> {
+        let mut paid_channels: Vec<&ChannelId> = payments.iter().map(|(id, _)| id).collect();
+        paid_channels.sort_unstable();
+        paid_channels.dedup();
+        let mut ids = Vec::with_capacity(paid_channels.len());
+        let mut settled = Vec::with_capacity(paid_channels.len());
+        let mut sequences = Vec::with_capacity(paid_channels.len());
+        for channel in paid_channels {
+            let row = channel_row(channels, channel)?;
+            ids.push(channel.as_bytes().to_vec());
+            settled.push(row.settled.to_string());
+            sequences.push(
+                i64::try_from(row.last_sequence)
+                    .map_err(|_| LedgerError::Corrupt("sequence above 2^63 - 1".into()))?,
+            );
+        }
+        sqlx::query(
+            "UPDATE channels SET settled = u.settled::numeric, last_sequence = u.sequence \
+             FROM unnest($1::bytea[], $2::text[], $3::int8[]) AS u(id, settled, sequence) \
+             WHERE channels.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&settled)
+        .bind(&sequences)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Whether each voucher carries its channel client's signature. Vouchers
+    /// for unknown channels count as unsigned; they are rejected later.
+    async fn verify_signatures(
+        &self,
+        ids: &[ChannelId],
+        vouchers: &[SignedVoucher],
+    ) -> Result<Vec<bool>, LedgerError> {
+        let id_bytes: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
+        let rows: Vec<(Vec<u8>, Vec<u8>)> =
+            sqlx::query_as("SELECT id, client_key FROM channels WHERE id = ANY($1)")
+                .bind(&id_bytes)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut clients = HashMap::with_capacity(rows.len());
+        for (id, client) in rows {
+            let id = crate::ledger::channel_id_from_db(Some(&id))?;
+            clients.insert(id, key_from_db(Some(&client))?);
+        }
+        if vouchers.len() < PARALLEL_VERIFY_MIN {
+            return Ok(verify_chunk(vouchers, &clients));
+        }
+        let vouchers = vouchers.to_vec();
+        let expected = vouchers.len();
+        let verified = tokio::task::spawn_blocking(move || {
+            let threads = std::thread::available_parallelism().map_or(1, usize::from);
+            let chunk = vouchers.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = vouchers
+                    .chunks(chunk)
+                    .map(|part| scope.spawn(|| verify_chunk(part, &clients)))
+                    .collect();
+                // A panicked thread yields no results, which the length check catches.
+                handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect::<Vec<_>>()
+            })
+        })
+        .await
+        .map_err(|error| LedgerError::Corrupt(format!("signature verification failed: {error}")))?;
+        if verified.len() != expected {
+            return Err(LedgerError::Corrupt("signature verification lost results".into()));
+        }
+        Ok(verified)
+    }
+}
+
+fn verify_chunk(vouchers: &[SignedVoucher], clients: &HashMap<ChannelId, PublicKey>) -> Vec<bool> {
+    vouchers
+        .iter()
+        .map(|voucher| {
+            clients
+                .get(&voucher.voucher.channel)
+                .is_some_and(|client| voucher.verify(client).is_ok())
+        })
+        .collect()
+}
+
+fn channel_row<'a>(
+    channels: &'a HashMap<ChannelId, ChannelRow>,
+    channel: &ChannelId,
+) -> Result<&'a ChannelRow, LedgerError> {
+    channels
+        .get(channel)
+        .ok_or_else(|| LedgerError::Corrupt(format!("channel {channel} not locked")))
+}
+
+/// Decides what a voucher does to the locked channel `row`, in a fixed order
+/// of checks documented in docs/LEDGER.md.
+fn judge(
+    row: &ChannelRow,
+    relay: &PublicKey,
+    voucher: &SignedVoucher,
+    signature_ok: bool,
+    now: DateTime<Utc>,
+) -> Result<Verdict, Rejection> {
+    let SignedVoucher { voucher, .. } = voucher;
+    if row.relay != *relay {
+        return Err(Rejection::WrongRelay);
+    }
+    if !signature_ok {
+        return Err(Rejection::BadSignature);
+    }
+    if voucher.sequence == row.last_sequence && voucher.cumulative == row.settled {
+        return Ok(Verdict::AlreadySettled);
+    }
+    match row.state {
+        ChannelState::Closed => return Err(Rejection::ChannelClosed),
+        ChannelState::Closing if row.dispute_deadline.is_some_and(|deadline| now > deadline) => {
+            return Err(Rejection::DisputeWindowOver);
+        }
+        _ => {}
+    }
+    if i64::try_from(voucher.sequence).is_err() {
+        return Err(Rejection::SequenceOutOfRange);
+    }
+    if voucher.sequence <= row.last_sequence {
+        return Err(Rejection::StaleSequence {
+            sequence: voucher.sequence,
+            last: row.last_sequence,
+        });
+    }
+    if voucher.cumulative > row.deposited {
+        return Err(Rejection::ExceedsEscrow {
+            cumulative: voucher.cumulative,
+            deposited: row.deposited,
+        });
+    }
+    voucher.cumulative.checked_sub(row.settled).map(Verdict::Pay).map_err(|_| {
+        Rejection::AmountDecreased { cumulative: voucher.cumulative, settled: row.settled }
+    })
+}
