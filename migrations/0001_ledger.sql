@@ -67,18 +67,24 @@ CREATE TABLE channels (
 CREATE INDEX channels_by_client ON channels (client_key);
 CREATE INDEX channels_by_relay ON channels (relay_key);
 
+-- Transfers carry no foreign keys: a per-row foreign-key check costs more
+-- than the rest of a settlement's insert together, and the one writer of
+-- transfers (ledger/src/postings.rs) has every referenced account locked FOR
+-- UPDATE in the same transaction. Accounts, channels and operations are never
+-- deleted (see the triggers below), and `ferry ledger check` verifies that
+-- every reference resolves.
 CREATE TABLE transfers (
     id                   BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    operation_id         BIGINT NOT NULL REFERENCES operations (id),
+    operation_id         BIGINT NOT NULL,
     kind                 TEXT NOT NULL CHECK (kind IN
                              ('deposit', 'withdrawal', 'funding', 'settlement', 'fee', 'refund')),
-    debit_account        BIGINT NOT NULL REFERENCES accounts (id),
-    credit_account       BIGINT NOT NULL REFERENCES accounts (id),
+    debit_account        BIGINT NOT NULL,
+    credit_account       BIGINT NOT NULL,
     amount               NUMERIC NOT NULL CHECK (amount > 0 AND scale(amount) <= 18),
     -- Each side's balance right after this transfer, for statements.
     debit_balance_after  NUMERIC NOT NULL,
     credit_balance_after NUMERIC NOT NULL,
-    channel_id           BYTEA REFERENCES channels (id),
+    channel_id           BYTEA,
     created_at           TIMESTAMPTZ NOT NULL DEFAULT now(),
     CHECK (debit_account <> credit_account)
 );
@@ -87,12 +93,19 @@ CREATE INDEX transfers_by_debit ON transfers (debit_account, id);
 CREATE INDEX transfers_by_credit ON transfers (credit_account, id);
 CREATE INDEX transfers_by_channel ON transfers (channel_id) WHERE channel_id IS NOT NULL;
 
--- Transfers are history: they are never changed or removed.
-CREATE FUNCTION transfers_are_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
+-- The ledger is history: transfers are never changed, and no row of any
+-- ledger table is ever removed.
+CREATE FUNCTION ledger_history_is_permanent() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE EXCEPTION 'transfers are immutable';
+    RAISE EXCEPTION 'ledger history is permanent: % on % is not allowed', TG_OP, TG_TABLE_NAME;
 END;
 $$;
 
 CREATE TRIGGER transfers_are_immutable BEFORE UPDATE OR DELETE OR TRUNCATE ON transfers
-    FOR EACH STATEMENT EXECUTE FUNCTION transfers_are_immutable();
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_history_is_permanent();
+CREATE TRIGGER accounts_are_permanent BEFORE DELETE OR TRUNCATE ON accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_history_is_permanent();
+CREATE TRIGGER channels_are_permanent BEFORE DELETE OR TRUNCATE ON channels
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_history_is_permanent();
+CREATE TRIGGER operations_are_permanent BEFORE DELETE OR TRUNCATE ON operations
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_history_is_permanent();

@@ -46,6 +46,18 @@ impl CheckReport {
 /// Each invariant and the query that lists its violations as text.
 const INVARIANTS: &[(&str, &str)] = &[
     (
+        "every transfer references an existing operation, accounts and channel",
+        "SELECT 'transfer ' || t.id || ' references a missing '
+                || CASE WHEN o.id IS NULL THEN 'operation' WHEN d.id IS NULL OR c.id IS NULL THEN 'account'
+                        ELSE 'channel' END
+         FROM transfers t
+         LEFT JOIN operations o ON o.id = t.operation_id
+         LEFT JOIN accounts d ON d.id = t.debit_account
+         LEFT JOIN accounts c ON c.id = t.credit_account
+         LEFT JOIN channels ch ON ch.id = t.channel_id
+         WHERE o.id IS NULL OR d.id IS NULL OR c.id IS NULL OR (t.channel_id IS NOT NULL AND ch.id IS NULL)",
+    ),
+    (
         "every transfer moves a positive amount between two different accounts",
         "SELECT 'transfer ' || id || ': ' || amount || ' from ' || debit_account || ' to ' || credit_account
          FROM transfers WHERE amount <= 0 OR debit_account = credit_account",

@@ -143,9 +143,20 @@ impl EmbeddedPostgres {
         self.connect_options(database).to_url_lossy().to_string()
     }
 
-    /// The directory the cluster lives in.
+    /// The directory the cluster lives in, which is also its socket directory.
     pub fn dir(&self) -> &Path {
         &self.options.dir
+    }
+
+    /// The directory of the PostgreSQL binaries the cluster runs (and of
+    /// client tools such as psql and pgbench).
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
+    /// The database superuser's name, for client tools.
+    pub fn superuser(&self) -> &'static str {
+        SUPERUSER
     }
 
     /// Stops the server with a fast shutdown (open sessions are ended) and, for
@@ -265,9 +276,19 @@ fn postgres_user() -> Result<(u32, u32), EmbeddedError> {
 }
 
 /// Creates the cluster directory, private to the user that runs the server.
+/// Missing parents are created world-traversable (0755), as the server's user
+/// must be able to reach the directory.
 fn prepare_dir(dir: &Path, run_as: Option<(u32, u32)>) -> Result<(), EmbeddedError> {
     let what = || format!("preparing the cluster directory {}", dir.display());
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_error(what()))?;
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent).map_err(io_error(what()))?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(error) if error.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(io_error(what())(error));
+        }
+        _ => {}
+    }
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_error(what()))?;
     if let Some((uid, gid)) = run_as {
         std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(io_error(what()))?;

@@ -111,12 +111,8 @@ impl Ledger {
         };
         let mut postings = Postings::lock(&mut tx, &[self.world, holder_account]).await?;
         postings.transfer(TransferKind::Deposit, self.world, holder_account, amount, None)?;
-        let balance = postings.balance(holder_account)?;
-        let receipt = TransferReceipt {
-            transfer_id: first_id(postings.write(&mut tx, operation_id).await?)?,
-            balance,
-        };
-        finish(&mut tx, operation_id, &receipt).await?;
+        let receipt = TransferReceipt { operation_id, balance: postings.balance(holder_account)? };
+        postings.write(&mut tx, operation_id, &[], &receipt).await?;
         tx.commit().await?;
         Ok(receipt)
     }
@@ -138,12 +134,8 @@ impl Ledger {
         };
         let mut postings = Postings::lock(&mut tx, &[self.world, holder_account]).await?;
         postings.transfer(TransferKind::Withdrawal, holder_account, self.world, amount, None)?;
-        let balance = postings.balance(holder_account)?;
-        let receipt = TransferReceipt {
-            transfer_id: first_id(postings.write(&mut tx, operation_id).await?)?,
-            balance,
-        };
-        finish(&mut tx, operation_id, &receipt).await?;
+        let receipt = TransferReceipt { operation_id, balance: postings.balance(holder_account)? };
+        postings.write(&mut tx, operation_id, &[], &receipt).await?;
         tx.commit().await?;
         Ok(receipt)
     }
@@ -167,9 +159,9 @@ impl Ledger {
         // before the transaction: creating an empty account changes no money,
         // and it keeps account creation out of the locking order.
         let (first, second) = if client < relay { (client, relay) } else { (relay, client) };
-        self.ensure_holder(first).await?;
-        self.ensure_holder(second).await?;
-        let client_account = self.ensure_holder(client).await?;
+        let first = self.ensure_holder(first).await?;
+        let second = self.ensure_holder(second).await?;
+        let client_account = if client < relay { first } else { second };
 
         let request = ("open_channel", client, relay, nonce, amount);
         let mut tx = self.pool.begin().await?;
@@ -199,9 +191,9 @@ impl Ledger {
         }
         let mut postings = Postings::lock(&mut tx, &[client_account, escrow]).await?;
         postings.transfer(TransferKind::Funding, client_account, escrow, amount, Some(id))?;
-        postings.write(&mut tx, operation_id).await?;
-        let channel = load_channel(&mut tx, &id, false).await?.into_info()?;
-        finish(&mut tx, operation_id, &channel).await?;
+        let row = load_channel(&mut tx, &id, false).await?;
+        let channel = row.clone().into_info()?;
+        postings.write(&mut tx, operation_id, &[&row], &channel).await?;
         tx.commit().await?;
         Ok(channel)
     }
@@ -224,20 +216,18 @@ impl Ledger {
         let mut row = load_channel(&mut tx, channel, true).await?;
         row.require_client(client)?;
         row.require_state(ChannelState::Open)?;
-        let client_account = self.holder_account(&mut tx, client).await?;
-        let mut postings = Postings::lock(&mut tx, &[client_account, row.escrow_account]).await?;
+        let mut postings =
+            Postings::lock(&mut tx, &[row.client_account, row.escrow_account]).await?;
         postings.transfer(
             TransferKind::Funding,
-            client_account,
+            row.client_account,
             row.escrow_account,
             amount,
             Some(*channel),
         )?;
         row.deposited = row.deposited.checked_add(amount)?;
-        postings.write(&mut tx, operation_id).await?;
-        save_channel(&mut tx, &row).await?;
-        let info = row.into_info()?;
-        finish(&mut tx, operation_id, &info).await?;
+        let info = row.clone().into_info()?;
+        postings.write(&mut tx, operation_id, &[&row], &info).await?;
         tx.commit().await?;
         Ok(info)
     }
@@ -266,9 +256,8 @@ impl Ledger {
         row.state = ChannelState::Closing;
         row.close_requested_at = Some(now);
         row.dispute_deadline = Some(now + window);
-        save_channel(&mut tx, &row).await?;
-        let info = row.into_info()?;
-        finish(&mut tx, operation_id, &info).await?;
+        let info = row.clone().into_info()?;
+        Postings::none().write(&mut tx, operation_id, &[&row], &info).await?;
         tx.commit().await?;
         Ok(info)
     }
@@ -294,13 +283,11 @@ impl Ledger {
         if let Some(deadline) = row.dispute_deadline.filter(|deadline| now <= *deadline) {
             return Err(LedgerError::DisputeWindowOpen { deadline });
         }
-        let client_account = self.holder_account(&mut tx, &client).await?;
-        let mut postings = Postings::lock(&mut tx, &[client_account, row.escrow_account]).await?;
-        self.refund_and_close(&mut postings, &mut row, client_account, now)?;
-        postings.write(&mut tx, operation_id).await?;
-        save_channel(&mut tx, &row).await?;
-        let info = row.into_info()?;
-        finish(&mut tx, operation_id, &info).await?;
+        let mut postings =
+            Postings::lock(&mut tx, &[row.client_account, row.escrow_account]).await?;
+        self.refund_and_close(&mut postings, &mut row, now)?;
+        let info = row.clone().into_info()?;
+        postings.write(&mut tx, operation_id, &[&row], &info).await?;
         tx.commit().await?;
         Ok(info)
     }
@@ -313,7 +300,7 @@ impl Ledger {
     /// The channels where `key` is the client or the relay, newest first.
     pub async fn channels_of(&self, key: &PublicKey) -> Result<Vec<ChannelInfo>, LedgerError> {
         let rows = sqlx::query(select_channels!(
-            "WHERE client_key = $1 OR relay_key = $1 ORDER BY opened_at DESC, id"
+            "WHERE c.client_key = $1 OR c.relay_key = $1 ORDER BY c.opened_at DESC, c.id"
         ))
         .bind(key.as_bytes().as_slice())
         .fetch_all(&self.pool)
@@ -437,14 +424,13 @@ impl Ledger {
         &self,
         postings: &mut Postings,
         row: &mut ChannelRow,
-        client_account: i64,
         now: DateTime<Utc>,
     ) -> Result<(), LedgerError> {
         let rest = row.escrow()?;
         postings.transfer(
             TransferKind::Refund,
             row.escrow_account,
-            client_account,
+            row.client_account,
             rest,
             Some(row.id),
         )?;
@@ -465,30 +451,17 @@ impl Ledger {
         .await?;
         match id {
             Some(id) => Ok(id),
-            None => self.holder_account(&mut *self.pool.acquire().await?, key).await,
+            None => sqlx::query_scalar("SELECT id FROM accounts WHERE holder_key = $1")
+                .bind(key.as_bytes().as_slice())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(LedgerError::from),
         }
-    }
-
-    /// The id of `key`'s holder account, which must exist.
-    pub(crate) async fn holder_account(
-        &self,
-        conn: &mut PgConnection,
-        key: &PublicKey,
-    ) -> Result<i64, LedgerError> {
-        sqlx::query_scalar("SELECT id FROM accounts WHERE holder_key = $1")
-            .bind(key.as_bytes().as_slice())
-            .fetch_optional(conn)
-            .await?
-            .ok_or_else(|| LedgerError::Corrupt(format!("no account for channel party {key}")))
     }
 }
 
 fn require_positive(amount: Amount) -> Result<(), LedgerError> {
     if amount.is_zero() { Err(LedgerError::ZeroAmount) } else { Ok(()) }
-}
-
-fn first_id(ids: Vec<i64>) -> Result<i64, LedgerError> {
-    ids.first().copied().ok_or_else(|| LedgerError::Corrupt("no transfer was written".into()))
 }
 
 fn account_ref(
@@ -554,31 +527,21 @@ pub(crate) async fn claim<T: DeserializeOwned>(
         .map_err(|error| LedgerError::Corrupt(format!("stored response of {key}: {error}")))
 }
 
-/// Stores the answer of a claimed operation, for replays.
-pub(crate) async fn finish(
-    tx: &mut Transaction<'static, Postgres>,
-    operation_id: i64,
-    response: &impl Serialize,
-) -> Result<(), LedgerError> {
-    let response = serde_json::to_value(response)
-        .map_err(|error| LedgerError::Corrupt(format!("encoding a response: {error}")))?;
-    sqlx::query("UPDATE operations SET response = $2 WHERE id = $1")
-        .bind(operation_id)
-        .bind(response)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-/// `SELECT`s the columns of channel rows, in the form [`ChannelRow::from_row`]
-/// reads, followed by the rest of the query (a string literal).
+/// `SELECT`s the columns of channel rows (table alias `c`), with the ids of
+/// both parties' accounts, in the form [`ChannelRow::from_row`] reads,
+/// followed by the rest of the query (a string literal). Lock with
+/// `FOR UPDATE OF c`: the parties' accounts are locked later, in id order.
 macro_rules! select_channels {
     ($rest:literal) => {
         concat!(
-            "SELECT id, client_key, relay_key, nonce, escrow_account, state, ",
-            "deposited::text AS deposited, settled::text AS settled, refunded::text AS refunded, ",
-            "last_sequence, opened_at, close_requested_at, dispute_deadline, closed_at ",
-            "FROM channels ",
+            "SELECT c.id, c.client_key, c.relay_key, c.nonce, c.escrow_account, c.state, ",
+            "c.deposited::text AS deposited, c.settled::text AS settled, ",
+            "c.refunded::text AS refunded, c.last_sequence, c.opened_at, c.close_requested_at, ",
+            "c.dispute_deadline, c.closed_at, ",
+            "client_account.id AS client_account, relay_account.id AS relay_account ",
+            "FROM channels c ",
+            "JOIN accounts client_account ON client_account.holder_key = c.client_key ",
+            "JOIN accounts relay_account ON relay_account.holder_key = c.relay_key ",
             $rest
         )
     };
@@ -593,6 +556,8 @@ pub(crate) struct ChannelRow {
     pub(crate) relay: PublicKey,
     pub(crate) nonce: u64,
     pub(crate) escrow_account: i64,
+    pub(crate) client_account: i64,
+    pub(crate) relay_account: i64,
     pub(crate) state: ChannelState,
     pub(crate) deposited: Amount,
     pub(crate) settled: Amount,
@@ -617,6 +582,8 @@ impl ChannelRow {
             relay: key_from_db(Some(&row.try_get::<Vec<u8>, _>("relay_key")?))?,
             nonce: u64::from_be_bytes(nonce),
             escrow_account: row.try_get("escrow_account")?,
+            client_account: row.try_get("client_account")?,
+            relay_account: row.try_get("relay_account")?,
             state: row.try_get::<String, _>("state")?.parse().map_err(LedgerError::Corrupt)?,
             deposited: parse_db(&row.try_get::<String, _>("deposited")?)?,
             settled: parse_db(&row.try_get::<String, _>("settled")?)?,
@@ -676,9 +643,9 @@ pub(crate) async fn load_channel(
     lock: bool,
 ) -> Result<ChannelRow, LedgerError> {
     let query = if lock {
-        select_channels!("WHERE id = $1 FOR UPDATE")
+        select_channels!("WHERE c.id = $1 FOR UPDATE OF c")
     } else {
-        select_channels!("WHERE id = $1")
+        select_channels!("WHERE c.id = $1")
     };
     let row = sqlx::query(query)
         .bind(channel.as_bytes().as_slice())
@@ -686,33 +653,6 @@ pub(crate) async fn load_channel(
         .await?
         .ok_or(LedgerError::UnknownChannel(*channel))?;
     ChannelRow::from_row(&row)
-}
-
-/// Writes back a channel's mutable columns.
-pub(crate) async fn save_channel(
-    conn: &mut PgConnection,
-    row: &ChannelRow,
-) -> Result<(), LedgerError> {
-    let last_sequence = i64::try_from(row.last_sequence)
-        .map_err(|_| LedgerError::Corrupt("sequence above 2^63 - 1".into()))?;
-    sqlx::query(
-        "UPDATE channels SET state = $2, deposited = $3::numeric, settled = $4::numeric, \
-           refunded = $5::numeric, last_sequence = $6, close_requested_at = $7, \
-           dispute_deadline = $8, closed_at = $9 \
-         WHERE id = $1",
-    )
-    .bind(row.id.as_bytes().as_slice())
-    .bind(row.state.as_str())
-    .bind(row.deposited.to_string())
-    .bind(row.settled.to_string())
-    .bind(row.refunded.to_string())
-    .bind(last_sequence)
-    .bind(row.close_requested_at)
-    .bind(row.dispute_deadline)
-    .bind(row.closed_at)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 pub(crate) fn key_from_db(bytes: Option<&[u8]>) -> Result<PublicKey, LedgerError> {

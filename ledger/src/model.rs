@@ -314,8 +314,8 @@ pub enum Rejection {
 /// The result of a deposit or withdrawal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferReceipt {
-    /// The transfer that moved the money.
-    pub transfer_id: i64,
+    /// The ledger's record of the request (its operation).
+    pub operation_id: i64,
     /// The holder's balance right after it.
     pub balance: Balance,
 }

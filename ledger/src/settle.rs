@@ -1,11 +1,11 @@
 //! Settling vouchers: in batches, and as part of a relay's close.
 //!
-//! Signatures are verified before the transaction, on all cores, against the
-//! channels' client keys (which never change), so that locks are held only for
-//! the bookkeeping. The transaction then locks the batch's channels in id
-//! order, judges every voucher against the locked rows in the order given, and
-//! writes all transfers, balances and channel updates with a handful of
-//! set-based statements, whatever the batch size.
+//! The transaction locks the batch's channels in id order, verifies every
+//! signature against the locked rows' client keys (on all cores for a large
+//! batch), judges every voucher in the order given, and writes all transfers,
+//! balances and channel updates with a fixed handful of set-based statements,
+//! whatever the batch size. Verifying under the channel locks costs nothing
+//! in contention: a channel has one relay, and only that relay settles it.
 
 use std::collections::HashMap;
 
@@ -14,8 +14,7 @@ use ferry_proto::{Amount, ChannelId, PublicKey, SignedVoucher};
 
 use crate::error::LedgerError;
 use crate::ledger::{
-    ChannelRow, Claim, Ledger, MAX_SETTLEMENT_BATCH, claim, finish, key_from_db, load_channel,
-    save_channel, select_channels,
+    ChannelRow, Claim, Ledger, MAX_SETTLEMENT_BATCH, claim, load_channel, select_channels,
 };
 use crate::model::{
     ChannelInfo, ChannelState, IdempotencyKey, Rejection, SettlementOutcome, TransferKind,
@@ -50,27 +49,27 @@ impl Ledger {
                 max: MAX_SETTLEMENT_BATCH,
             });
         }
-        let mut ids: Vec<ChannelId> = vouchers.iter().map(|v| v.voucher.channel).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let signature_ok = self.verify_signatures(&ids, vouchers).await?;
-
         let request = ("settle", relay, vouchers);
         let mut tx = self.pool.begin().await?;
         let (operation_id, now) = match claim(&mut tx, "settle", relay, key, &request).await? {
             Claim::New { operation_id, now } => (operation_id, now),
             Claim::Replay(outcomes) => return Ok(outcomes),
         };
-        let id_bytes: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
-        let rows = sqlx::query(select_channels!("WHERE id = ANY($1) ORDER BY id FOR UPDATE"))
-            .bind(&id_bytes)
-            .fetch_all(&mut *tx)
-            .await?;
+        let mut ids: Vec<&[u8]> =
+            vouchers.iter().map(|v| v.voucher.channel.as_bytes().as_slice()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let rows =
+            sqlx::query(select_channels!("WHERE c.id = ANY($1) ORDER BY c.id FOR UPDATE OF c"))
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
         let mut channels = HashMap::with_capacity(rows.len());
         for row in &rows {
             let row = ChannelRow::from_row(row)?;
             channels.insert(row.id, row);
         }
+        let signature_ok = verify_signatures(&channels, vouchers).await?;
 
         let mut outcomes = Vec::with_capacity(vouchers.len());
         let mut payments: Vec<(ChannelId, Amount)> = Vec::new();
@@ -105,20 +104,25 @@ impl Ledger {
         }
 
         if !payments.is_empty() {
-            let relay_account = self.holder_account(&mut tx, relay).await?;
-            let mut account_ids: Vec<i64> = vec![relay_account, self.treasury];
+            let mut accounts = vec![self.treasury];
             for (channel, _) in &payments {
-                account_ids.push(channel_row(&channels, channel)?.escrow_account);
+                let row = channel_row(&channels, channel)?;
+                accounts.extend([row.escrow_account, row.relay_account]);
             }
-            let mut postings = Postings::lock(&mut tx, &account_ids).await?;
+            let mut postings = Postings::lock(&mut tx, &accounts).await?;
             for (channel, increase) in &payments {
-                let escrow = channel_row(&channels, channel)?.escrow_account;
-                self.pay(&mut postings, escrow, relay_account, *channel, *increase)?;
+                self.pay(&mut postings, channel_row(&channels, channel)?, *increase)?;
             }
-            postings.write(&mut tx, operation_id).await?;
-            self.save_settled(&mut tx, &channels, &payments).await?;
+            let mut paid: Vec<&ChannelRow> = payments
+                .iter()
+                .map(|(channel, _)| channel_row(&channels, channel))
+                .collect::<Result<_, _>>()?;
+            paid.sort_unstable_by_key(|row| row.id);
+            paid.dedup_by_key(|row| row.id);
+            postings.write(&mut tx, operation_id, &paid, &outcomes).await?;
+        } else {
+            Postings::none().write(&mut tx, operation_id, &[], &outcomes).await?;
         }
-        finish(&mut tx, operation_id, &outcomes).await?;
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -136,12 +140,6 @@ impl Ledger {
         if final_voucher.is_some_and(|voucher| voucher.voucher.channel != *channel) {
             return Err(LedgerError::VoucherRejected(Rejection::UnknownChannel));
         }
-        let signature_ok = match final_voucher {
-            Some(voucher) => {
-                self.verify_signatures(&[*channel], std::slice::from_ref(voucher)).await?
-            }
-            None => Vec::new(),
-        };
         let request = ("close_by_relay", relay, channel, final_voucher);
         let mut tx = self.pool.begin().await?;
         let (operation_id, now) =
@@ -156,9 +154,11 @@ impl Ledger {
         if row.state == ChannelState::Closed {
             return Err(LedgerError::WrongState { channel: *channel, state: row.state });
         }
-        let increase = match (final_voucher, signature_ok.first()) {
-            (Some(voucher), Some(signature_ok)) => {
-                match judge(&row, relay, voucher, *signature_ok, now) {
+        let increase = match final_voucher {
+            None => Amount::ZERO,
+            Some(voucher) => {
+                let signature_ok = voucher.verify(&row.client).is_ok();
+                match judge(&row, relay, voucher, signature_ok, now) {
                     Ok(Verdict::Pay(increase)) => {
                         row.settled = voucher.voucher.cumulative;
                         row.last_sequence = voucher.voucher.sequence;
@@ -168,21 +168,13 @@ impl Ledger {
                     Err(reason) => return Err(LedgerError::VoucherRejected(reason)),
                 }
             }
-            _ => Amount::ZERO,
         };
-        let relay_account = self.holder_account(&mut tx, relay).await?;
-        let client_account = self.holder_account(&mut tx, &row.client).await?;
-        let mut postings = Postings::lock(
-            &mut tx,
-            &[relay_account, client_account, self.treasury, row.escrow_account],
-        )
-        .await?;
-        self.pay(&mut postings, row.escrow_account, relay_account, *channel, increase)?;
-        self.refund_and_close(&mut postings, &mut row, client_account, now)?;
-        postings.write(&mut tx, operation_id).await?;
-        save_channel(&mut tx, &row).await?;
-        let info = row.into_info()?;
-        finish(&mut tx, operation_id, &info).await?;
+        let accounts = [self.treasury, row.escrow_account, row.relay_account, row.client_account];
+        let mut postings = Postings::lock(&mut tx, &accounts).await?;
+        self.pay(&mut postings, &row, increase)?;
+        self.refund_and_close(&mut postings, &mut row, now)?;
+        let info = row.clone().into_info()?;
+        postings.write(&mut tx, operation_id, &[&row], &info).await?;
         tx.commit().await?;
         Ok(info)
     }
@@ -192,94 +184,49 @@ impl Ledger {
     fn pay(
         &self,
         postings: &mut Postings,
-        escrow: i64,
-        relay_account: i64,
-        channel: ChannelId,
+        row: &ChannelRow,
         increase: Amount,
     ) -> Result<(), LedgerError> {
         let fee = increase.basis_points(self.config.fee_basis_points);
         let paid = increase.checked_sub(fee)?;
-        postings.transfer(TransferKind::Settlement, escrow, relay_account, paid, Some(channel))?;
-        postings.transfer(TransferKind::Fee, escrow, self.treasury, fee, Some(channel))
+        let (escrow, channel) = (row.escrow_account, Some(row.id));
+        postings.transfer(TransferKind::Settlement, escrow, row.relay_account, paid, channel)?;
+        postings.transfer(TransferKind::Fee, escrow, self.treasury, fee, channel)
     }
+}
 
-    /// Writes the new settled amount and sequence of every paid channel.
-    async fn save_settled(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        channels: &HashMap<ChannelId, ChannelRow>,
-        payments: &[(ChannelId, Amount)],
-    ) -> Result<(), LedgerError> {
-        let mut paid_channels: Vec<&ChannelId> = payments.iter().map(|(id, _)| id).collect();
-        paid_channels.sort_unstable();
-        paid_channels.dedup();
-        let mut ids = Vec::with_capacity(paid_channels.len());
-        let mut settled = Vec::with_capacity(paid_channels.len());
-        let mut sequences = Vec::with_capacity(paid_channels.len());
-        for channel in paid_channels {
-            let row = channel_row(channels, channel)?;
-            ids.push(channel.as_bytes().to_vec());
-            settled.push(row.settled.to_string());
-            sequences.push(
-                i64::try_from(row.last_sequence)
-                    .map_err(|_| LedgerError::Corrupt("sequence above 2^63 - 1".into()))?,
-            );
-        }
-        sqlx::query(
-            "UPDATE channels SET settled = u.settled::numeric, last_sequence = u.sequence \
-             FROM unnest($1::bytea[], $2::text[], $3::int8[]) AS u(id, settled, sequence) \
-             WHERE channels.id = u.id",
-        )
-        .bind(&ids)
-        .bind(&settled)
-        .bind(&sequences)
-        .execute(conn)
-        .await?;
-        Ok(())
+/// Whether each voucher carries its channel client's signature, checked
+/// against the locked channel rows. Vouchers for unknown channels count as
+/// unsigned; they are rejected as unknown later.
+async fn verify_signatures(
+    channels: &HashMap<ChannelId, ChannelRow>,
+    vouchers: &[SignedVoucher],
+) -> Result<Vec<bool>, LedgerError> {
+    let clients: HashMap<ChannelId, PublicKey> =
+        channels.iter().map(|(id, row)| (*id, row.client)).collect();
+    if vouchers.len() < PARALLEL_VERIFY_MIN {
+        return Ok(verify_chunk(vouchers, &clients));
     }
-
-    /// Whether each voucher carries its channel client's signature. Vouchers
-    /// for unknown channels count as unsigned; they are rejected later.
-    async fn verify_signatures(
-        &self,
-        ids: &[ChannelId],
-        vouchers: &[SignedVoucher],
-    ) -> Result<Vec<bool>, LedgerError> {
-        let id_bytes: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
-        let rows: Vec<(Vec<u8>, Vec<u8>)> =
-            sqlx::query_as("SELECT id, client_key FROM channels WHERE id = ANY($1)")
-                .bind(&id_bytes)
-                .fetch_all(&self.pool)
-                .await?;
-        let mut clients = HashMap::with_capacity(rows.len());
-        for (id, client) in rows {
-            let id = crate::ledger::channel_id_from_db(Some(&id))?;
-            clients.insert(id, key_from_db(Some(&client))?);
-        }
-        if vouchers.len() < PARALLEL_VERIFY_MIN {
-            return Ok(verify_chunk(vouchers, &clients));
-        }
-        let vouchers = vouchers.to_vec();
-        let expected = vouchers.len();
-        let verified = tokio::task::spawn_blocking(move || {
-            let threads = std::thread::available_parallelism().map_or(1, usize::from);
-            let chunk = vouchers.len().div_ceil(threads);
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = vouchers
-                    .chunks(chunk)
-                    .map(|part| scope.spawn(|| verify_chunk(part, &clients)))
-                    .collect();
-                // A panicked thread yields no results, which the length check catches.
-                handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect::<Vec<_>>()
-            })
+    let vouchers = vouchers.to_vec();
+    let expected = vouchers.len();
+    let verified = tokio::task::spawn_blocking(move || {
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let chunk = vouchers.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = vouchers
+                .chunks(chunk)
+                .map(|part| scope.spawn(|| verify_chunk(part, &clients)))
+                .collect();
+            // A panicked thread yields no results, which the length check catches.
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect::<Vec<_>>()
         })
-        .await
-        .map_err(|error| LedgerError::Corrupt(format!("signature verification failed: {error}")))?;
-        if verified.len() != expected {
-            return Err(LedgerError::Corrupt("signature verification lost results".into()));
-        }
-        Ok(verified)
+    })
+    .await
+    .map_err(|error| LedgerError::Corrupt(format!("signature verification failed: {error}")))?;
+    if verified.len() != expected {
+        return Err(LedgerError::Corrupt("signature verification lost results".into()));
     }
+    Ok(verified)
 }
 
 fn verify_chunk(vouchers: &[SignedVoucher], clients: &HashMap<ChannelId, PublicKey>) -> Vec<bool> {

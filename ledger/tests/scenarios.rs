@@ -451,8 +451,20 @@ async fn the_check_detects_a_tampered_database() {
         .execute(ledger.pool())
         .await
         .unwrap();
+    // A transfer from an account that does not exist.
+    sqlx::query(
+        "INSERT INTO transfers (operation_id, kind, debit_account, credit_account, amount, \
+                                debit_balance_after, credit_balance_after) \
+         VALUES (1, 'deposit', 999999, 1, 1, 0, 0)",
+    )
+    .execute(ledger.pool())
+    .await
+    .unwrap();
     let report = ledger.check().await.unwrap();
     let broken: Vec<&str> = report.violations.iter().map(|v| v.invariant).collect();
+    assert!(
+        broken.contains(&"every transfer references an existing operation, accounts and channel")
+    );
     assert!(
         broken.contains(&"each account's balance equals its credits minus its debits"),
         "{broken:?}"
@@ -465,8 +477,12 @@ async fn the_check_detects_a_tampered_database() {
     // History cannot be rewritten.
     let rewrite = sqlx::query("UPDATE transfers SET amount = 1").execute(ledger.pool()).await;
     assert!(rewrite.is_err());
-    let erase = sqlx::query("DELETE FROM transfers").execute(ledger.pool()).await;
-    assert!(erase.is_err());
+    for table in ["transfers", "accounts", "channels", "operations"] {
+        let erase = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}")))
+            .execute(ledger.pool())
+            .await;
+        assert!(erase.is_err(), "{table} rows could be deleted");
+    }
 }
 
 #[tokio::test]

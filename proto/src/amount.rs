@@ -135,7 +135,7 @@ impl FromStr for Amount {
 
 impl fmt::Display for Amount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_attos(f, self.attos)
+        write_attos(f, false, self.attos)
     }
 }
 
@@ -201,10 +201,7 @@ impl FromStr for Balance {
 
 impl fmt::Display for Balance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.attos < 0 {
-            f.write_str("-")?;
-        }
-        write_attos(f, self.attos.unsigned_abs())
+        write_attos(f, self.attos < 0, self.attos.unsigned_abs())
     }
 }
 
@@ -267,7 +264,7 @@ impl FromStr for PricePerByte {
 
 impl fmt::Display for PricePerByte {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_attos(f, self.attos)
+        write_attos(f, false, self.attos)
     }
 }
 
@@ -335,14 +332,16 @@ fn parse_attos(text: &str) -> Result<u128, AmountError> {
         .ok_or(AmountError::TooLarge)
 }
 
-fn write_attos(f: &mut fmt::Formatter<'_>, attos: u128) -> fmt::Result {
+/// Writes `attos` in the text form, honouring width and alignment flags.
+fn write_attos(f: &mut fmt::Formatter<'_>, negative: bool, attos: u128) -> fmt::Result {
+    let sign = if negative { "-" } else { "" };
     let whole = attos / ATTOS_PER_UNIT;
     let fraction = attos % ATTOS_PER_UNIT;
     if fraction == 0 {
-        return write!(f, "{whole}");
+        return f.pad(&format!("{sign}{whole}"));
     }
     let digits = format!("{fraction:018}");
-    write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+    f.pad(&format!("{sign}{whole}.{}", digits.trim_end_matches('0')))
 }
 
 #[cfg(test)]
@@ -427,6 +426,12 @@ mod tests {
         assert_eq!(serde_json::from_str::<Amount>("\"1.25\"").unwrap(), amount);
         assert!(serde_json::from_str::<Amount>("\"-1\"").is_err());
         assert!(serde_json::from_str::<Amount>("1.25").is_err());
+    }
+
+    #[test]
+    fn display_honours_width() {
+        assert_eq!(format!("{:>6}", "1.5".parse::<Amount>().unwrap()), "   1.5");
+        assert_eq!(format!("{:<6}|", "-1.5".parse::<Balance>().unwrap()), "-1.5  |");
     }
 
     #[test]

@@ -1,0 +1,133 @@
+//! `ferry`: the command that runs every part of the marketplace.
+
+mod bench;
+mod db;
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ferry_ledger::{Ledger, LedgerConfig};
+use ferry_proto::SecretKey;
+
+/// A marketplace of paid relays.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a demonstration of the marketplace on a private, throwaway Postgres.
+    Demo,
+    /// Inspect the ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// Create and show ed25519 identities.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Run the benchmarks and print their figures against same-run baselines.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Check every ledger invariant; exits non-zero if one is violated.
+    Check {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Create a new key file (owner-only permissions); never overwrites one.
+    New {
+        /// Where to write the key.
+        path: PathBuf,
+    },
+    /// Print the public key of a key file.
+    Show {
+        /// The key file.
+        path: PathBuf,
+    },
+}
+
+/// Where the ledger's database is.
+#[derive(Debug, Args)]
+struct DatabaseArgs {
+    /// A Postgres URL. Without one, ferry starts its own private cluster in
+    /// --data-dir.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// The directory of the private cluster used when no URL is given.
+    #[arg(long, env = "FERRY_DATA_DIR", default_value_os_t = db::default_data_dir())]
+    data_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Demo => demo::run().await.map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Ledger { command: LedgerCommand::Check { database, json } } => {
+            let db = db::Database::open(database.database_url, &database.data_dir).await?;
+            let ledger = Ledger::open(db.pool().clone(), LedgerConfig::default()).await?;
+            let report = ledger.check().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                demo::print_check(&report);
+            }
+            db.close().await?;
+            Ok(if report.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Key { command: KeyCommand::New { path } } => {
+            let key = SecretKey::create_file(&path)
+                .with_context(|| format!("creating key file {}", path.display()))?;
+            println!("{}", key.public());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Key { command: KeyCommand::Show { path } } => {
+            let key = SecretKey::read_file(&path)
+                .with_context(|| format!("reading key file {}", path.display()))?;
+            println!("{}", key.public());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

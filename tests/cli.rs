@@ -1,0 +1,113 @@
+//! End-to-end tests of the `ferry` command, run as a user would run it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output};
+
+use ferry_ledger::{IdempotencyKey, Ledger, LedgerConfig};
+use ferry_proto::SecretKey;
+use sqlx::ConnectOptions;
+
+fn ferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output().expect("ferry runs")
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn the_demo_runs_the_ledger_end_to_end() {
+    let output = ferry(&["demo"]);
+    let shown = text(&output);
+    assert!(output.status.success(), "{shown}");
+    for expected in [
+        "rejected: the signature is not the channel client's",
+        "already settled: nothing paid",
+        "same answer as the first time: yes; relay-eu's balance unchanged",
+        "finalize now: refused",
+        "all invariants hold",
+        "removed its directory",
+    ] {
+        assert!(shown.contains(expected), "demo output lacks {expected:?}:\n{shown}");
+    }
+}
+
+#[test]
+fn without_postgres_binaries_the_error_says_what_to_install() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("demo")
+        .env("FERRY_PG_BINDIR", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(text(&output).contains("apt-get install -y postgresql"), "{}", text(&output));
+}
+
+#[test]
+fn keys_are_created_privately_and_shown() {
+    let dir = std::env::temp_dir().join(format!("ferry-cli-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("id");
+    let _ = std::fs::remove_file(&path);
+    let path_text = path.to_str().unwrap();
+
+    let created = ferry(&["key", "new", path_text]);
+    assert!(created.status.success(), "{}", text(&created));
+    let public = String::from_utf8(created.stdout).unwrap();
+    assert_eq!(public.trim().len(), 64);
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(String::from_utf8(ferry(&["key", "show", path_text]).stdout).unwrap(), public);
+
+    let again = ferry(&["key", "new", path_text]);
+    assert!(!again.status.success(), "a key file was overwritten");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let exposed = ferry(&["key", "show", path_text]);
+    assert!(!exposed.status.success());
+    assert!(text(&exposed).contains("chmod 600"), "{}", text(&exposed));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_check_passes_on_a_healthy_ledger_and_fails_on_a_tampered_one() {
+    let options = ferry_ledger::testing::fresh_database().await.unwrap();
+    let url = options.to_url_lossy().to_string();
+    let pool = sqlx::PgPool::connect_with(options).await.unwrap();
+    let ledger = Ledger::open(pool, LedgerConfig::default()).await.unwrap();
+    let alice = SecretKey::from_seed(&[1; 32]).public();
+    let key: IdempotencyKey = "deposit".parse().unwrap();
+    ledger.deposit(&key, &alice, "5".parse().unwrap()).await.unwrap();
+
+    let url_for_check = url.clone();
+    let healthy = tokio::task::spawn_blocking(move || {
+        ferry(&["ledger", "check", "--database-url", &url_for_check])
+    })
+    .await
+    .unwrap();
+    assert!(healthy.status.success(), "{}", text(&healthy));
+    assert!(text(&healthy).contains("all invariants hold"));
+
+    sqlx::query("UPDATE accounts SET balance = balance + 1 WHERE holder_key = $1")
+        .bind(alice.as_bytes().as_slice())
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    let tampered = tokio::task::spawn_blocking(move || {
+        ferry(&["ledger", "check", "--json", "--database-url", &url])
+    })
+    .await
+    .unwrap();
+    assert_eq!(tampered.status.code(), Some(1), "{}", text(&tampered));
+    let report: serde_json::Value = serde_json::from_slice(&tampered.stdout).unwrap();
+    let broken: Vec<&str> = report["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["invariant"].as_str().unwrap())
+        .collect();
+    assert!(broken.contains(&"the sum of all balances is zero"), "{broken:?}");
+}
