@@ -73,7 +73,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
     // the same machine load and the same state of the cluster.
     println!("▸ pgbench: initialising (scale 10)");
     pgbench(cluster, &["-i", "-q", "-s", "10"])?;
-    let ledger = Ledger::open(db.pool().clone(), LedgerConfig::default()).await?;
+    let ledger = Ledger::connect(db.options().clone(), LedgerConfig::default()).await?;
     println!(
         "▸ ledger: opening {} channels for {} relays",
         args.relays * args.batch + 1,
@@ -85,6 +85,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
     let pg_single = pgbench_run(cluster, 1, args.seconds)?;
     println!("▸ ledger: {} single-voucher settlements, one after another", args.singles);
     let singles = market.settle_singles(&ledger, args.singles).await?;
+    let round_trip_ms = round_trip(&ledger, args.singles).await?;
 
     println!("▸ pgbench, {PGBENCH_CLIENTS} clients, {} s", args.seconds);
     let pg_many = pgbench_run(cluster, PGBENCH_CLIENTS, args.seconds)?;
@@ -124,12 +125,17 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
     );
     println!("| settlement, batched: p99 batch latency | {batch_p99_ms:.1} ms | | |");
     println!(
+        "| one round trip (`SELECT 1`) on the same pool, for scale | {round_trip_ms:.3} ms | | settlement takes {:.0}× as long |",
+        single_mean / round_trip_ms
+    );
+    println!(
         "| settlement, one voucher per call: rate | {:.0} vouchers/s | pgbench TPC-B, 1 client: {:.0} tx/s | {:.2}× |",
         1000.0 / single_mean,
         pg_single.tps,
         (1000.0 / single_mean) / pg_single.tps
     );
     println!("\nledger check after the run: all invariants hold ({} transfers)", report.transfers);
+    ledger.close().await;
     Ok(())
 }
 
@@ -243,6 +249,17 @@ impl Market {
         }
         Ok(latencies)
     }
+}
+
+/// The mean time of one `SELECT 1` through the ledger's pool, in ms: the
+/// floor under every statement a settlement sends.
+async fn round_trip(ledger: &Ledger, count: usize) -> anyhow::Result<f64> {
+    let mut conn = ledger.pool().acquire().await?;
+    let begun = Instant::now();
+    for _ in 0..count {
+        sqlx::query("SELECT 1").execute(&mut *conn).await?;
+    }
+    Ok(begun.elapsed().as_secs_f64() * 1000.0 / count as f64)
 }
 
 async fn fund(

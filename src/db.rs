@@ -4,28 +4,26 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ferry_ledger::embedded::{EmbeddedOptions, EmbeddedPostgres};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 
-/// Connections in a command's pool.
-const POOL_CONNECTIONS: u32 = 16;
 /// The database ferry uses inside its own cluster.
 pub const DATABASE_NAME: &str = "ferry";
 
-/// A connected database, and the cluster serving it if ferry started one.
+/// Where the database is, and the cluster serving it if ferry started one.
 pub struct Database {
-    pool: PgPool,
+    options: PgConnectOptions,
     cluster: Option<EmbeddedPostgres>,
 }
 
 impl Database {
-    /// Connects to `url`, or starts (creating if needed) the private cluster
-    /// in `data_dir`.
+    /// Uses `url`, or starts (creating if needed) the private cluster in
+    /// `data_dir`.
     pub async fn open(url: Option<String>, data_dir: &Path) -> anyhow::Result<Database> {
         match url {
             Some(url) => {
-                let options: PgConnectOptions = url.parse().context("parsing the database URL")?;
-                Database::connect(options, None).await
+                let options = url.parse().context("parsing the database URL")?;
+                Ok(Database { options, cluster: None })
             }
             None => {
                 let options = EmbeddedOptions {
@@ -38,31 +36,18 @@ impl Database {
         }
     }
 
-    /// Starts a private cluster with `options` and connects to its ferry database.
+    /// Starts a private cluster with `options`, with a ferry database in it.
     pub async fn embedded(options: EmbeddedOptions) -> anyhow::Result<Database> {
         let cluster = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(options))
             .await
             .context("starting the embedded PostgreSQL")??;
         create_database_if_missing(&cluster).await?;
-        let options = cluster.connect_options(DATABASE_NAME);
-        Database::connect(options, Some(cluster)).await
+        Ok(Database { options: cluster.connect_options(DATABASE_NAME), cluster: Some(cluster) })
     }
 
-    async fn connect(
-        options: PgConnectOptions,
-        cluster: Option<EmbeddedPostgres>,
-    ) -> anyhow::Result<Database> {
-        let pool = PgPoolOptions::new()
-            .max_connections(POOL_CONNECTIONS)
-            .connect_with(options)
-            .await
-            .context("connecting to the database")?;
-        Ok(Database { pool, cluster })
-    }
-
-    /// The connection pool.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// How to connect to the database.
+    pub fn options(&self) -> &PgConnectOptions {
+        &self.options
     }
 
     /// The private cluster, if ferry started one.
@@ -70,9 +55,8 @@ impl Database {
         self.cluster.as_ref()
     }
 
-    /// Closes the pool and stops the private cluster, if any.
+    /// Stops the private cluster, if any (its sessions are ended).
     pub async fn close(self) -> anyhow::Result<()> {
-        self.pool.close().await;
         if let Some(cluster) = self.cluster {
             tokio::task::spawn_blocking(move || cluster.stop())
                 .await

@@ -48,8 +48,9 @@ pub async fn run() -> anyhow::Result<()> {
     let config = LedgerConfig {
         fee_basis_points: DEMO_FEE_BASIS_POINTS,
         dispute_window: DEMO_DISPUTE_WINDOW,
+        ..LedgerConfig::default()
     };
-    let ledger = Ledger::open(db.pool().clone(), config).await?;
+    let ledger = Ledger::connect(db.options().clone(), config).await?;
     println!(
         "  ledger migrated; registry fee {} basis points ({}%), dispute window {} s\n",
         DEMO_FEE_BASIS_POINTS,
@@ -57,6 +58,7 @@ pub async fn run() -> anyhow::Result<()> {
         DEMO_DISPUTE_WINDOW.as_secs()
     );
     let outcome = scenario(&ledger).await;
+    ledger.close().await;
     let closed = db.close().await;
     outcome?;
     closed?;

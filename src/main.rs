@@ -107,8 +107,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Ledger { command: LedgerCommand::Check { database, json } } => {
             let db = db::Database::open(database.database_url, &database.data_dir).await?;
-            let ledger = Ledger::open(db.pool().clone(), LedgerConfig::default()).await?;
+            let ledger = Ledger::connect(db.options().clone(), LedgerConfig::default()).await?;
             let report = ledger.check().await?;
+            ledger.close().await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

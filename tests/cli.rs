@@ -76,8 +76,7 @@ fn keys_are_created_privately_and_shown() {
 async fn ledger_check_passes_on_a_healthy_ledger_and_fails_on_a_tampered_one() {
     let options = ferry_ledger::testing::fresh_database().await.unwrap();
     let url = options.to_url_lossy().to_string();
-    let pool = sqlx::PgPool::connect_with(options).await.unwrap();
-    let ledger = Ledger::open(pool, LedgerConfig::default()).await.unwrap();
+    let ledger = Ledger::connect(options, LedgerConfig::default()).await.unwrap();
     let alice = SecretKey::from_seed(&[1; 32]).public();
     let key: IdempotencyKey = "deposit".parse().unwrap();
     ledger.deposit(&key, &alice, "5".parse().unwrap()).await.unwrap();

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use ferry_proto::{Amount, Balance, ChannelId, PublicKey};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::postgres::PgRow;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 
 use crate::error::LedgerError;
@@ -25,6 +25,8 @@ pub const MAX_STATEMENT_PAGE: u32 = 1_000;
 /// The ledger operator's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LedgerConfig {
+    /// Connections in the ledger's pool.
+    pub max_connections: u32,
     /// The registry's fee on every settled amount, in basis points (1/100 of a
     /// percent), at most 10,000.
     pub fee_basis_points: u16,
@@ -34,7 +36,11 @@ pub struct LedgerConfig {
 
 impl Default for LedgerConfig {
     fn default() -> LedgerConfig {
-        LedgerConfig { fee_basis_points: 100, dispute_window: Duration::from_secs(24 * 60 * 60) }
+        LedgerConfig {
+            max_connections: 16,
+            fee_basis_points: 100,
+            dispute_window: Duration::from_secs(24 * 60 * 60),
+        }
     }
 }
 
@@ -57,8 +63,25 @@ pub(crate) enum Claim<T> {
 }
 
 impl Ledger {
-    /// Applies the migrations and opens the ledger.
-    pub async fn open(pool: PgPool, config: LedgerConfig) -> Result<Ledger, LedgerError> {
+    /// Connects to the database at `options`, applies the migrations and
+    /// opens the ledger.
+    ///
+    /// The pool's sessions plan every statement for its actual parameters
+    /// (`plan_cache_mode = force_custom_plan`): a cached generic plan cannot
+    /// see how many rows an `unnest` of a parameter array yields and chooses
+    /// sequential scans, which made single settlements several times slower
+    /// once tables grew. Connections are not pinged before use, which would
+    /// add a round trip to every operation; an operation on a dead connection
+    /// fails cleanly and is retried under its idempotency key.
+    pub async fn connect(
+        options: PgConnectOptions,
+        config: LedgerConfig,
+    ) -> Result<Ledger, LedgerError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .test_before_acquire(false)
+            .connect_with(options.options([("plan_cache_mode", "force_custom_plan")]))
+            .await?;
         if config.fee_basis_points > 10_000 {
             return Err(LedgerError::Corrupt(format!(
                 "fee of {} basis points is above 100%",
@@ -86,6 +109,11 @@ impl Ledger {
     /// The Postgres pool the ledger uses.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Closes the pool, waiting for operations in flight.
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     /// The ledger's settings.

@@ -7,15 +7,13 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 
 use crate::embedded::{EmbeddedOptions, EmbeddedPostgres, remove_stale_ephemeral_clusters};
 
 /// The directory-name prefix of test clusters under the temporary directory.
 const TEST_CLUSTER_PREFIX: &str = "ferry-test-pg";
-/// Connections per test database: enough for real concurrency in tests.
-const TEST_POOL_CONNECTIONS: u32 = 8;
 
 static CLUSTER: OnceLock<Result<EmbeddedPostgres, String>> = OnceLock::new();
 static DATABASES: AtomicU32 = AtomicU32::new(0);
@@ -50,12 +48,6 @@ pub async fn fresh_database() -> Result<PgConnectOptions, TestDatabaseError> {
     sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
     admin.close().await?;
     Ok(server.database(&name))
-}
-
-/// A pool on a new, empty database for one test.
-pub async fn fresh_pool() -> Result<PgPool, TestDatabaseError> {
-    let options = fresh_database().await?;
-    Ok(PgPoolOptions::new().max_connections(TEST_POOL_CONNECTIONS).connect_with(options).await?)
 }
 
 fn cluster() -> Result<&'static EmbeddedPostgres, TestDatabaseError> {

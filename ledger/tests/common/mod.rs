@@ -10,25 +10,20 @@ use ferry_proto::{Amount, ChannelId, SecretKey, SignedVoucher, Voucher};
 pub const FEE_BPS: u16 = 250;
 
 pub fn config(dispute_window: Duration) -> LedgerConfig {
-    LedgerConfig { fee_basis_points: FEE_BPS, dispute_window }
+    LedgerConfig { max_connections: 8, fee_basis_points: FEE_BPS, dispute_window }
 }
 
 /// A ledger on a fresh database.
 pub async fn ledger(config: LedgerConfig) -> Ledger {
-    let pool = ferry_ledger::testing::fresh_pool().await.expect("test database");
-    Ledger::open(pool, config).await.expect("open ledger")
+    let options = ferry_ledger::testing::fresh_database().await.expect("test database");
+    Ledger::connect(options, config).await.expect("open ledger")
 }
 
 /// A second ledger instance (its own pool) on the same database, as a second
 /// registry process would have.
 pub async fn twin(ledger: &Ledger) -> Ledger {
     let options = ledger.pool().connect_options().as_ref().clone();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect_with(options)
-        .await
-        .unwrap();
-    Ledger::open(pool, ledger.config()).await.unwrap()
+    Ledger::connect(options, ledger.config()).await.unwrap()
 }
 
 pub fn key(seed: u8) -> SecretKey {
