@@ -17,9 +17,7 @@ CREATE TABLE accounts (
     CHECK ((kind = 'holder') = (holder_key IS NOT NULL)),
     -- Only the outside world's balance goes below zero: it is minus all the
     -- money deposited into the ledger and not withdrawn.
-    CHECK (kind = 'world' OR balance >= 0),
-    -- A holder's balance is bounded like every amount (proto::MAX_AMOUNT).
-    CHECK (kind <> 'holder' OR balance <= 10000000000)
+    CHECK (kind = 'world' OR balance >= 0)
 );
 
 CREATE UNIQUE INDEX accounts_one_world_and_treasury ON accounts (kind)

@@ -167,12 +167,12 @@ async fn scenario(ledger: &Ledger) -> anyhow::Result<()> {
     );
     let outcome = ledger.settle(&op("settle-us-1")?, &relay_us.public(), &[bob_voucher]).await?;
     println!("  relay-us settles 10 GiB × {us_price} = {bob_cost}: {}", describe(&outcome[0]));
-    match ledger.finalize(&op("finalize-bob-early")?, &bob_channel.id).await {
+    match ledger.finalize(&op("finalize-bob-early")?, &bob.public(), &bob_channel.id).await {
         Err(error) => println!("  finalize now: refused ({error})"),
         Ok(_) => println!("  finalize now: accepted (unexpected)"),
     }
     wait_until(deadline).await;
-    let closed = ledger.finalize(&op("finalize-bob")?, &bob_channel.id).await?;
+    let closed = ledger.finalize(&op("finalize-bob")?, &bob.public(), &bob_channel.id).await?;
     println!("  after the window: {}; {} refunded to bob", closed.state, closed.refunded);
 
     println!("\n▸ relay-eu closes alice's channel at once with her newest voucher (5 GiB)");
@@ -193,7 +193,7 @@ async fn scenario(ledger: &Ledger) -> anyhow::Result<()> {
     );
 
     println!("\n▸ relay-eu withdraws its earnings");
-    let earned = ledger.balance(&relay_eu.public()).await?.earned;
+    let earned = ledger.balance(&relay_eu.public()).await?.earned.to_amount()?;
     let receipt = ledger.withdraw(&op("withdraw-eu")?, &relay_eu.public(), earned).await?;
     println!("  withdrew {earned}; balance now {}", receipt.balance);
 

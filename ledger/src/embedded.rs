@@ -125,9 +125,9 @@ impl EmbeddedPostgres {
             init_cluster(&bindir, &data_dir, run_as, &options)?;
         }
         let log_path = options.dir.join("server.log");
-        let server = spawn_server(&bindir, &options, run_as, &log_path)?;
-        let mut cluster = EmbeddedPostgres { options, bindir, run_as, server: Some(server) };
-        cluster.wait_until_ready(&log_path)?;
+        let Server { supervisor, pid } = spawn_server(&bindir, &options, run_as, &log_path)?;
+        let mut cluster = EmbeddedPostgres { options, bindir, run_as, server: Some(supervisor) };
+        cluster.wait_until_ready(&log_path, pid)?;
         tracing::info!(dir = %cluster.options.dir.display(), "embedded PostgreSQL is ready");
         Ok(cluster)
     }
@@ -186,7 +186,7 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
-    fn wait_until_ready(&mut self, log_path: &Path) -> Result<(), EmbeddedError> {
+    fn wait_until_ready(&mut self, log_path: &Path, server_pid: u32) -> Result<(), EmbeddedError> {
         let pid_file = self.options.dir.join("data").join("postmaster.pid");
         let deadline = Instant::now() + START_TIMEOUT;
         // The server has no readiness notification but the status line it
@@ -204,8 +204,14 @@ impl EmbeddedPostgres {
                     log: log_tail(log_path),
                 });
             }
+            // A pid file left by an earlier server (or another process's) may
+            // say "ready" too; only our own server's line counts.
             let ready = fs::read_to_string(&pid_file)
-                .map(|text| text.lines().nth(7).is_some_and(|status| status.trim() == "ready"))
+                .map(|text| {
+                    let mut lines = text.lines();
+                    lines.next().is_some_and(|pid| pid.trim() == server_pid.to_string())
+                        && lines.nth(6).is_some_and(|status| status.trim() == "ready")
+                })
                 .unwrap_or(false);
             if ready {
                 return Ok(());
@@ -316,14 +322,20 @@ fn init_cluster(
     run_to_completion(&mut initdb, run_as, "initdb")
 }
 
-/// Starts the server from a dedicated thread that waits for it, and returns
-/// that thread, which ends with the server's exit status.
+/// A started server: its process id, and the thread that waits for it and
+/// ends with its exit status.
+struct Server {
+    supervisor: thread::JoinHandle<io::Result<ExitStatus>>,
+    pid: u32,
+}
+
+/// Starts the server from a dedicated thread that waits for it.
 fn spawn_server(
     bindir: &Path,
     options: &EmbeddedOptions,
     run_as: Option<(u32, u32)>,
     log_path: &Path,
-) -> Result<thread::JoinHandle<io::Result<ExitStatus>>, EmbeddedError> {
+) -> Result<Server, EmbeddedError> {
     let log = fs::File::create(log_path).map_err(io_error("creating the server log"))?;
     if let Some((uid, gid)) = run_as {
         std::os::unix::fs::chown(log_path, Some(uid), Some(gid))
@@ -356,7 +368,7 @@ fn spawn_server(
         .name("embedded-postgres".into())
         .spawn(move || match server.spawn() {
             Ok(mut child) => {
-                let _ = started_tx.send(Ok(()));
+                let _ = started_tx.send(Ok(child.id()));
                 child.wait()
             }
             Err(error) => {
@@ -367,7 +379,7 @@ fn spawn_server(
         })
         .map_err(io_error("starting the server's supervisor thread"))?;
     match started_rx.recv() {
-        Ok(Ok(())) => Ok(supervisor),
+        Ok(Ok(pid)) => Ok(Server { supervisor, pid }),
         Ok(Err(error)) => Err(io_error("starting the PostgreSQL server")(error)),
         Err(_) => Err(io_error("starting the PostgreSQL server")(io::Error::other(
             "the supervisor thread ended before starting the server",
@@ -385,13 +397,18 @@ fn set_user(command: &mut Command, run_as: Option<(u32, u32)>) {
 /// that started it ends, so a killed ferry never leaves a server behind.
 #[allow(unsafe_code)]
 fn stop_with_parent(command: &mut Command) {
+    let parent = std::process::id();
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // prctl, which is async-signal-safe. std applies uid/gid before running
-    // it, so the signal survives the change of user.
+    // prctl and getppid, which are async-signal-safe. std applies uid/gid
+    // before running it, so the signal survives the change of user.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) == -1 {
                 return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before the signal was armed.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(io::Error::other("ferry exited while starting PostgreSQL"));
             }
             Ok(())
         });

@@ -6,7 +6,8 @@ use ferry_proto::{Amount, AmountError, Balance, ChannelId};
 use crate::model::{ChannelState, Rejection};
 
 /// Why a ledger operation did not happen. An operation that returns an error
-/// changed nothing.
+/// moved no money and recorded nothing, except that it may have created an
+/// empty account for a relay it names.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     /// An amount that must be positive was zero.
@@ -23,9 +24,6 @@ pub enum LedgerError {
         /// What the operation needs.
         needed: Amount,
     },
-    /// The operation would take an account's balance past the maximum amount.
-    #[error("the balance would exceed the maximum of {} units", ferry_proto::MAX_AMOUNT)]
-    BalanceLimit,
     /// The idempotency key was already used, in this key's namespace, for a
     /// request with a different body.
     #[error("idempotency key {0:?} was already used for a different request")]
@@ -78,6 +76,9 @@ pub enum LedgerError {
     /// The final voucher given with a relay's close was not accepted.
     #[error("the final voucher was rejected: {0}")]
     VoucherRejected(Rejection),
+    /// The ledger's configuration is out of range.
+    #[error("invalid ledger configuration: {0}")]
+    InvalidConfig(String),
     /// Postgres failed or is unreachable. The detail is for logs only.
     #[error("the ledger database is unavailable")]
     Database(#[source] sqlx::Error),

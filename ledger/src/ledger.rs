@@ -21,6 +21,8 @@ use crate::postings::{Postings, parse_db};
 pub const MAX_SETTLEMENT_BATCH: usize = 10_000;
 /// The most entries one statement page may hold.
 pub const MAX_STATEMENT_PAGE: u32 = 1_000;
+/// The longest dispute window the ledger accepts: one year.
+pub const MAX_DISPUTE_WINDOW: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 
 /// The ledger operator's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,17 +79,23 @@ impl Ledger {
         options: PgConnectOptions,
         config: LedgerConfig,
     ) -> Result<Ledger, LedgerError> {
+        if config.fee_basis_points > 10_000 {
+            return Err(LedgerError::InvalidConfig(format!(
+                "a fee of {} basis points is above 100%",
+                config.fee_basis_points
+            )));
+        }
+        if config.dispute_window > MAX_DISPUTE_WINDOW {
+            return Err(LedgerError::InvalidConfig(format!(
+                "a dispute window of {:?} is longer than the maximum of {MAX_DISPUTE_WINDOW:?}",
+                config.dispute_window
+            )));
+        }
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .test_before_acquire(false)
             .connect_with(options.options([("plan_cache_mode", "force_custom_plan")]))
             .await?;
-        if config.fee_basis_points > 10_000 {
-            return Err(LedgerError::Corrupt(format!(
-                "fee of {} basis points is above 100%",
-                config.fee_basis_points
-            )));
-        }
         crate::MIGRATOR
             .run(&pool)
             .await
@@ -153,7 +161,12 @@ impl Ledger {
         amount: Amount,
     ) -> Result<TransferReceipt, LedgerError> {
         require_positive(amount)?;
-        let holder_account = self.ensure_holder(holder).await?;
+        let Some(holder_account) = self.holder_id(holder).await? else {
+            return Err(LedgerError::InsufficientBalance {
+                available: Balance::ZERO,
+                needed: amount,
+            });
+        };
         let request = ("withdraw", holder, amount);
         let mut tx = self.pool.begin().await?;
         let operation_id = match claim(&mut tx, "withdraw", holder, key, &request).await? {
@@ -183,13 +196,16 @@ impl Ledger {
             return Err(LedgerError::SameKey);
         }
         let id = ChannelId::derive(client, relay, nonce);
-        // Holder accounts are created in their own statements, in key order,
-        // before the transaction: creating an empty account changes no money,
-        // and it keeps account creation out of the locking order.
-        let (first, second) = if client < relay { (client, relay) } else { (relay, client) };
-        let first = self.ensure_holder(first).await?;
-        let second = self.ensure_holder(second).await?;
-        let client_account = if client < relay { first } else { second };
+        // A client without an account has no money to escrow. The relay's
+        // account is created (empty) in its own statement before the
+        // transaction, which keeps account creation out of the locking order.
+        let Some(client_account) = self.holder_id(client).await? else {
+            return Err(LedgerError::InsufficientBalance {
+                available: Balance::ZERO,
+                needed: amount,
+            });
+        };
+        self.ensure_holder(relay).await?;
 
         let request = ("open_channel", client, relay, nonce, amount);
         let mut tx = self.pool.begin().await?;
@@ -280,10 +296,13 @@ impl Ledger {
         row.require_client(client)?;
         row.require_state(ChannelState::Open)?;
         let window = chrono::Duration::from_std(self.config.dispute_window)
-            .map_err(|_| LedgerError::Corrupt("dispute window out of range".into()))?;
+            .map_err(|_| LedgerError::InvalidConfig("dispute window out of range".into()))?;
         row.state = ChannelState::Closing;
         row.close_requested_at = Some(now);
-        row.dispute_deadline = Some(now + window);
+        row.dispute_deadline =
+            Some(now.checked_add_signed(window).ok_or_else(|| {
+                LedgerError::InvalidConfig("dispute deadline out of range".into())
+            })?);
         let info = row.clone().into_info()?;
         Postings::none().write(&mut tx, operation_id, &[&row], &info).await?;
         tx.commit().await?;
@@ -291,18 +310,18 @@ impl Ledger {
     }
 
     /// Closes a closing channel whose dispute window has passed and returns
-    /// what its escrow holds to the client. Anyone may ask; the operation is
-    /// idempotent in the client's namespace.
+    /// what its escrow holds to the client. Anyone may ask: the money can
+    /// only go to the client. The operation is idempotent in the namespace of
+    /// `caller`, the key that asks.
     pub async fn finalize(
         &self,
         key: &IdempotencyKey,
+        caller: &PublicKey,
         channel: &ChannelId,
     ) -> Result<ChannelInfo, LedgerError> {
-        // The client key never changes, so it can be read before locking.
-        let client = load_channel(&mut *self.pool.acquire().await?, channel, false).await?.client;
         let request = ("finalize", channel);
         let mut tx = self.pool.begin().await?;
-        let (operation_id, now) = match claim(&mut tx, "finalize", &client, key, &request).await? {
+        let (operation_id, now) = match claim(&mut tx, "finalize", caller, key, &request).await? {
             Claim::New { operation_id, now } => (operation_id, now),
             Claim::Replay(channel) => return Ok(channel),
         };
@@ -354,7 +373,7 @@ impl Ledger {
         .await?;
         let available: Option<String> = row.try_get("available")?;
         Ok(BalanceSummary {
-            available: available.as_deref().map(parse_db).transpose()?.unwrap_or(Amount::ZERO),
+            available: available.as_deref().map(parse_db).transpose()?.unwrap_or(Balance::ZERO),
             in_escrow: parse_db(&row.try_get::<String, _>("in_escrow")?)?,
             earned: parse_db(&row.try_get::<String, _>("earned")?)?,
         })
@@ -371,7 +390,11 @@ impl Ledger {
         if limit == 0 || limit > MAX_STATEMENT_PAGE {
             return Err(LedgerError::PageSize { got: limit, max: MAX_STATEMENT_PAGE });
         }
-        let mut conn = self.pool.acquire().await?;
+        // One snapshot for the balance and the entries, so they agree.
+        let mut conn = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *conn)
+            .await?;
         let account_id = match account {
             AccountRef::World => Some(self.world),
             AccountRef::Treasury => Some(self.treasury),
@@ -443,6 +466,7 @@ impl Ledger {
         } else {
             None
         };
+        conn.commit().await?;
         Ok(Statement { account, balance: parse_db(&balance)?, entries, next_before })
     }
 
@@ -479,12 +503,18 @@ impl Ledger {
         .await?;
         match id {
             Some(id) => Ok(id),
-            None => sqlx::query_scalar("SELECT id FROM accounts WHERE holder_key = $1")
-                .bind(key.as_bytes().as_slice())
-                .fetch_one(&self.pool)
-                .await
-                .map_err(LedgerError::from),
+            None => self.holder_id(key).await?.ok_or_else(|| {
+                LedgerError::Corrupt(format!("the account of {key} vanished after creation"))
+            }),
         }
+    }
+
+    /// The id of `key`'s holder account, if it has one.
+    pub(crate) async fn holder_id(&self, key: &PublicKey) -> Result<Option<i64>, LedgerError> {
+        Ok(sqlx::query_scalar("SELECT id FROM accounts WHERE holder_key = $1")
+            .bind(key.as_bytes().as_slice())
+            .fetch_optional(&self.pool)
+            .await?)
     }
 }
 

@@ -284,8 +284,9 @@ pub enum Rejection {
         /// The last settled sequence.
         last: u64,
     },
-    /// The sequence is above 2^63 - 1, the highest the ledger stores.
-    #[error("sequence is above 2^63 - 1")]
+    /// The sequence is 0 or above 2^63 - 1: sequences start at 1, and the
+    /// ledger stores them as signed 64-bit integers.
+    #[error("sequence must be from 1 to 2^63 - 1")]
     SequenceOutOfRange,
     /// The cumulative amount is below what was already settled.
     #[error("cumulative amount {cumulative} is below the {settled} already settled")]
@@ -353,12 +354,12 @@ pub struct Statement {
 /// A key's money at a glance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalanceSummary {
-    /// Free to spend or withdraw.
-    pub available: Amount,
+    /// Free to spend or withdraw (never negative).
+    pub available: Balance,
     /// Locked in this key's channels as a client (not yet settled or refunded).
-    pub in_escrow: Amount,
+    pub in_escrow: Balance,
     /// Received as a relay from settled vouchers, all time.
-    pub earned: Amount,
+    pub earned: Balance,
 }
 
 #[cfg(test)]

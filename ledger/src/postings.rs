@@ -132,8 +132,7 @@ impl Postings {
 
     /// Moves `amount` from `debit` to `credit`. A zero amount moves nothing and
     /// records nothing. Errors, and changes nothing, if the debited account
-    /// would go below zero (only the world may) or a holder would go above the
-    /// maximum amount.
+    /// would go below zero (only the world may).
     pub(crate) fn transfer(
         &mut self,
         kind: TransferKind,
@@ -156,11 +155,7 @@ impl Postings {
                 needed: amount,
             });
         }
-        let to = self.account(credit)?;
-        let credit_after = to.balance.checked_add(amount)?;
-        if to.kind == AccountKind::Holder && credit_after > Balance::from(Amount::MAX) {
-            return Err(LedgerError::BalanceLimit);
-        }
+        let credit_after = self.account(credit)?.balance.checked_add(amount)?;
         self.account_mut(debit)?.balance = debit_after;
         self.account_mut(credit)?.balance = credit_after;
         self.transfers.push(NewTransfer {

@@ -4,17 +4,19 @@
 //! signature against the locked rows' client keys (on all cores for a large
 //! batch), judges every voucher in the order given, and writes all transfers,
 //! balances and channel updates with a fixed handful of set-based statements,
-//! whatever the batch size. Verifying under the channel locks costs nothing
-//! in contention: a channel has one relay, and only that relay settles it.
+//! whatever the batch size. Only the submitting relay's own channels are
+//! locked, so verifying under the locks costs nothing in contention: a
+//! channel has one relay, and only that relay settles it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use ferry_proto::{Amount, ChannelId, PublicKey, SignedVoucher};
 
 use crate::error::LedgerError;
 use crate::ledger::{
-    ChannelRow, Claim, Ledger, MAX_SETTLEMENT_BATCH, claim, load_channel, select_channels,
+    ChannelRow, Claim, Ledger, MAX_SETTLEMENT_BATCH, channel_id_from_db, claim, load_channel,
+    select_channels,
 };
 use crate::model::{
     ChannelInfo, ChannelState, IdempotencyKey, Rejection, SettlementOutcome, TransferKind,
@@ -59,16 +61,21 @@ impl Ledger {
             vouchers.iter().map(|v| v.voucher.channel.as_bytes().as_slice()).collect();
         ids.sort_unstable();
         ids.dedup();
-        let rows =
-            sqlx::query(select_channels!("WHERE c.id = ANY($1) ORDER BY c.id FOR UPDATE OF c"))
-                .bind(&ids)
-                .fetch_all(&mut *tx)
-                .await?;
+        // Only this relay's channels are locked: naming other relays'
+        // channels must not let anyone hold their locks.
+        let rows = sqlx::query(select_channels!(
+            "WHERE c.id = ANY($1) AND c.relay_key = $2 ORDER BY c.id FOR UPDATE OF c"
+        ))
+        .bind(&ids)
+        .bind(relay.as_bytes().as_slice())
+        .fetch_all(&mut *tx)
+        .await?;
         let mut channels = HashMap::with_capacity(rows.len());
         for row in &rows {
             let row = ChannelRow::from_row(row)?;
             channels.insert(row.id, row);
         }
+        let foreign = foreign_channels(&mut tx, &ids, &channels).await?;
         let signature_ok = verify_signatures(&channels, vouchers).await?;
 
         let mut outcomes = Vec::with_capacity(vouchers.len());
@@ -77,8 +84,9 @@ impl Ledger {
             let channel = voucher.voucher.channel;
             let sequence = voucher.voucher.sequence;
             let verdict = match channels.get(&channel) {
-                None => Err(Rejection::UnknownChannel),
                 Some(row) => judge(row, relay, voucher, *signature_ok, now),
+                None if foreign.contains(&channel) => Err(Rejection::WrongRelay),
+                None => Err(Rejection::UnknownChannel),
             };
             outcomes.push(match verdict {
                 Err(reason) => SettlementOutcome::Rejected { channel, sequence, reason },
@@ -195,6 +203,31 @@ impl Ledger {
     }
 }
 
+/// The ids among `ids` that name existing channels of other relays (not in
+/// `own`), read without locking them, so their vouchers are rejected as
+/// `wrong_relay` rather than `unknown_channel`.
+async fn foreign_channels(
+    conn: &mut sqlx::PgConnection,
+    ids: &[&[u8]],
+    own: &HashMap<ChannelId, ChannelRow>,
+) -> Result<HashSet<ChannelId>, LedgerError> {
+    if own.len() == ids.len() {
+        return Ok(HashSet::new());
+    }
+    let others: Vec<&[u8]> = ids
+        .iter()
+        .copied()
+        .filter(|id| {
+            <[u8; 32]>::try_from(*id).is_ok_and(|id| !own.contains_key(&ChannelId::from_bytes(id)))
+        })
+        .collect();
+    let found: Vec<Vec<u8>> = sqlx::query_scalar("SELECT id FROM channels WHERE id = ANY($1)")
+        .bind(&others)
+        .fetch_all(conn)
+        .await?;
+    found.iter().map(|id| channel_id_from_db(Some(id))).collect()
+}
+
 /// Whether each voucher carries its channel client's signature, checked
 /// against the locked channel rows. Vouchers for unknown channels count as
 /// unsigned; they are rejected as unknown later.
@@ -265,6 +298,9 @@ fn judge(
     if !signature_ok {
         return Err(Rejection::BadSignature);
     }
+    if voucher.sequence == 0 || i64::try_from(voucher.sequence).is_err() {
+        return Err(Rejection::SequenceOutOfRange);
+    }
     if voucher.sequence == row.last_sequence && voucher.cumulative == row.settled {
         return Ok(Verdict::AlreadySettled);
     }
@@ -274,9 +310,6 @@ fn judge(
             return Err(Rejection::DisputeWindowOver);
         }
         _ => {}
-    }
-    if i64::try_from(voucher.sequence).is_err() {
-        return Err(Rejection::SequenceOutOfRange);
     }
     if voucher.sequence <= row.last_sequence {
         return Err(Rejection::StaleSequence {

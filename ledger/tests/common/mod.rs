@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ferry_ledger::{IdempotencyKey, Ledger, LedgerConfig};
-use ferry_proto::{Amount, ChannelId, SecretKey, SignedVoucher, Voucher};
+use ferry_proto::{Amount, Balance, ChannelId, SecretKey, SignedVoucher, Voucher};
 
 /// A fee of 2.5%, so fees are visible in every scenario.
 pub const FEE_BPS: u16 = 250;
@@ -31,6 +31,10 @@ pub fn key(seed: u8) -> SecretKey {
 }
 
 pub fn amount(text: &str) -> Amount {
+    text.parse().unwrap()
+}
+
+pub fn money(text: &str) -> Balance {
     text.parse().unwrap()
 }
 
