@@ -58,10 +58,20 @@ pub struct Ledger {
 
 /// Whether an idempotent operation is new or a repeat.
 pub(crate) enum Claim<T> {
-    /// First time: the operations row with this id is claimed.
-    New { operation_id: i64, now: DateTime<Utc> },
+    /// First time: the operation's row is claimed in its open transaction.
+    New(Operation),
     /// A repeat of a finished operation: its stored answer.
     Replay(T),
+}
+
+/// A new operation: its transaction, which holds the claim on its row.
+pub(crate) struct Operation {
+    /// The transaction everything the operation does runs in.
+    pub(crate) tx: Transaction<'static, Postgres>,
+    /// The operation's row id, which its transfers reference.
+    pub(crate) id: i64,
+    /// The transaction's time, the one clock every deadline is compared with.
+    pub(crate) now: DateTime<Utc>,
 }
 
 impl Ledger {
@@ -139,18 +149,7 @@ impl Ledger {
     ) -> Result<TransferReceipt, LedgerError> {
         require_positive(amount)?;
         let holder_account = self.ensure_holder(holder).await?;
-        let request = ("deposit", holder, amount);
-        let mut tx = self.pool.begin().await?;
-        let operation_id = match claim(&mut tx, "deposit", holder, key, &request).await? {
-            Claim::New { operation_id, .. } => operation_id,
-            Claim::Replay(receipt) => return Ok(receipt),
-        };
-        let mut postings = Postings::lock(&mut tx, &[self.world, holder_account]).await?;
-        postings.transfer(TransferKind::Deposit, self.world, holder_account, amount, None)?;
-        let receipt = TransferReceipt { operation_id, balance: postings.balance(holder_account)? };
-        postings.write(&mut tx, operation_id, &[], &receipt).await?;
-        tx.commit().await?;
-        Ok(receipt)
+        self.transfer_with_world(TransferKind::Deposit, key, holder, holder_account, amount).await
     }
 
     /// Moves `amount` from `holder`'s account to the outside world.
@@ -167,17 +166,35 @@ impl Ledger {
                 needed: amount,
             });
         };
-        let request = ("withdraw", holder, amount);
-        let mut tx = self.pool.begin().await?;
-        let operation_id = match claim(&mut tx, "withdraw", holder, key, &request).await? {
-            Claim::New { operation_id, .. } => operation_id,
+        self.transfer_with_world(TransferKind::Withdrawal, key, holder, holder_account, amount)
+            .await
+    }
+
+    /// A deposit or a withdrawal: one transfer between `holder`'s account and
+    /// the outside world, in the direction `kind` says.
+    async fn transfer_with_world(
+        &self,
+        kind: TransferKind,
+        key: &IdempotencyKey,
+        holder: &PublicKey,
+        holder_account: i64,
+        amount: Amount,
+    ) -> Result<TransferReceipt, LedgerError> {
+        let request = (kind, holder, amount);
+        let mut op = match begin(&self.pool, kind.as_str(), holder, key, &request).await? {
+            Claim::New(op) => op,
             Claim::Replay(receipt) => return Ok(receipt),
         };
-        let mut postings = Postings::lock(&mut tx, &[self.world, holder_account]).await?;
-        postings.transfer(TransferKind::Withdrawal, holder_account, self.world, amount, None)?;
-        let receipt = TransferReceipt { operation_id, balance: postings.balance(holder_account)? };
-        postings.write(&mut tx, operation_id, &[], &receipt).await?;
-        tx.commit().await?;
+        let (debit, credit) = match kind {
+            TransferKind::Deposit => (self.world, holder_account),
+            _ => (holder_account, self.world),
+        };
+        let mut postings = Postings::lock(&mut op.tx, &[self.world, holder_account]).await?;
+        postings.transfer(kind, debit, credit, amount, None)?;
+        let receipt =
+            TransferReceipt { operation_id: op.id, balance: postings.balance(holder_account)? };
+        postings.write(&mut op.tx, op.id, &[], &receipt).await?;
+        op.tx.commit().await?;
         Ok(receipt)
     }
 
@@ -208,14 +225,13 @@ impl Ledger {
         self.ensure_holder(relay).await?;
 
         let request = ("open_channel", client, relay, nonce, amount);
-        let mut tx = self.pool.begin().await?;
-        let operation_id = match claim(&mut tx, "open_channel", client, key, &request).await? {
-            Claim::New { operation_id, .. } => operation_id,
+        let mut op = match begin(&self.pool, "open_channel", client, key, &request).await? {
+            Claim::New(op) => op,
             Claim::Replay(channel) => return Ok(channel),
         };
         let escrow: i64 =
             sqlx::query_scalar("INSERT INTO accounts (kind) VALUES ('escrow') RETURNING id")
-                .fetch_one(&mut *tx)
+                .fetch_one(&mut *op.tx)
                 .await?;
         let inserted = sqlx::query(
             "INSERT INTO channels (id, client_key, relay_key, nonce, escrow_account, state, deposited) \
@@ -228,17 +244,17 @@ impl Ledger {
         .bind(nonce.to_be_bytes().as_slice())
         .bind(escrow)
         .bind(amount.to_string())
-        .execute(&mut *tx)
+        .execute(&mut *op.tx)
         .await?;
         if inserted.rows_affected() == 0 {
             return Err(LedgerError::ChannelExists(id));
         }
-        let mut postings = Postings::lock(&mut tx, &[client_account, escrow]).await?;
+        let mut postings = Postings::lock(&mut op.tx, &[client_account, escrow]).await?;
         postings.transfer(TransferKind::Funding, client_account, escrow, amount, Some(id))?;
-        let row = load_channel(&mut tx, &id, false).await?;
+        let row = load_channel(&mut op.tx, &id, false).await?;
         let channel = row.clone().into_info()?;
-        postings.write(&mut tx, operation_id, &[&row], &channel).await?;
-        tx.commit().await?;
+        postings.write(&mut op.tx, op.id, &[&row], &channel).await?;
+        op.tx.commit().await?;
         Ok(channel)
     }
 
@@ -252,16 +268,15 @@ impl Ledger {
     ) -> Result<ChannelInfo, LedgerError> {
         require_positive(amount)?;
         let request = ("top_up", client, channel, amount);
-        let mut tx = self.pool.begin().await?;
-        let operation_id = match claim(&mut tx, "top_up", client, key, &request).await? {
-            Claim::New { operation_id, .. } => operation_id,
+        let mut op = match begin(&self.pool, "top_up", client, key, &request).await? {
+            Claim::New(op) => op,
             Claim::Replay(channel) => return Ok(channel),
         };
-        let mut row = load_channel(&mut tx, channel, true).await?;
+        let mut row = load_channel(&mut op.tx, channel, true).await?;
         row.require_client(client)?;
         row.require_state(ChannelState::Open)?;
         let mut postings =
-            Postings::lock(&mut tx, &[row.client_account, row.escrow_account]).await?;
+            Postings::lock(&mut op.tx, &[row.client_account, row.escrow_account]).await?;
         postings.transfer(
             TransferKind::Funding,
             row.client_account,
@@ -271,8 +286,8 @@ impl Ledger {
         )?;
         row.deposited = row.deposited.checked_add(amount)?;
         let info = row.clone().into_info()?;
-        postings.write(&mut tx, operation_id, &[&row], &info).await?;
-        tx.commit().await?;
+        postings.write(&mut op.tx, op.id, &[&row], &info).await?;
+        op.tx.commit().await?;
         Ok(info)
     }
 
@@ -286,26 +301,24 @@ impl Ledger {
         channel: &ChannelId,
     ) -> Result<ChannelInfo, LedgerError> {
         let request = ("request_close", client, channel);
-        let mut tx = self.pool.begin().await?;
-        let (operation_id, now) =
-            match claim(&mut tx, "request_close", client, key, &request).await? {
-                Claim::New { operation_id, now } => (operation_id, now),
-                Claim::Replay(channel) => return Ok(channel),
-            };
-        let mut row = load_channel(&mut tx, channel, true).await?;
+        let mut op = match begin(&self.pool, "request_close", client, key, &request).await? {
+            Claim::New(op) => op,
+            Claim::Replay(channel) => return Ok(channel),
+        };
+        let mut row = load_channel(&mut op.tx, channel, true).await?;
         row.require_client(client)?;
         row.require_state(ChannelState::Open)?;
         let window = chrono::Duration::from_std(self.config.dispute_window)
             .map_err(|_| LedgerError::InvalidConfig("dispute window out of range".into()))?;
         row.state = ChannelState::Closing;
-        row.close_requested_at = Some(now);
+        row.close_requested_at = Some(op.now);
         row.dispute_deadline =
-            Some(now.checked_add_signed(window).ok_or_else(|| {
+            Some(op.now.checked_add_signed(window).ok_or_else(|| {
                 LedgerError::InvalidConfig("dispute deadline out of range".into())
             })?);
         let info = row.clone().into_info()?;
-        Postings::none().write(&mut tx, operation_id, &[&row], &info).await?;
-        tx.commit().await?;
+        Postings::none().write(&mut op.tx, op.id, &[&row], &info).await?;
+        op.tx.commit().await?;
         Ok(info)
     }
 
@@ -320,22 +333,21 @@ impl Ledger {
         channel: &ChannelId,
     ) -> Result<ChannelInfo, LedgerError> {
         let request = ("finalize", channel);
-        let mut tx = self.pool.begin().await?;
-        let (operation_id, now) = match claim(&mut tx, "finalize", caller, key, &request).await? {
-            Claim::New { operation_id, now } => (operation_id, now),
+        let mut op = match begin(&self.pool, "finalize", caller, key, &request).await? {
+            Claim::New(op) => op,
             Claim::Replay(channel) => return Ok(channel),
         };
-        let mut row = load_channel(&mut tx, channel, true).await?;
+        let mut row = load_channel(&mut op.tx, channel, true).await?;
         row.require_state(ChannelState::Closing)?;
-        if let Some(deadline) = row.dispute_deadline.filter(|deadline| now <= *deadline) {
+        if let Some(deadline) = row.dispute_deadline.filter(|deadline| op.now <= *deadline) {
             return Err(LedgerError::DisputeWindowOpen { deadline });
         }
         let mut postings =
-            Postings::lock(&mut tx, &[row.client_account, row.escrow_account]).await?;
-        self.refund_and_close(&mut postings, &mut row, now)?;
+            Postings::lock(&mut op.tx, &[row.client_account, row.escrow_account]).await?;
+        self.refund_and_close(&mut postings, &mut row, op.now)?;
         let info = row.clone().into_info()?;
-        postings.write(&mut tx, operation_id, &[&row], &info).await?;
-        tx.commit().await?;
+        postings.write(&mut op.tx, op.id, &[&row], &info).await?;
+        op.tx.commit().await?;
         Ok(info)
     }
 
@@ -537,16 +549,18 @@ fn account_ref(
     })
 }
 
-/// Claims the idempotency key `key` in `scope`'s namespace for this request,
-/// or returns the stored answer of the same request made before. A concurrent
-/// twin waits on the claimed row until this transaction ends.
-pub(crate) async fn claim<T: DeserializeOwned>(
-    tx: &mut Transaction<'static, Postgres>,
+/// Begins an operation: opens its transaction and claims the idempotency key
+/// `key` in `scope`'s namespace for this request, or returns the stored answer
+/// of the same request made before. A concurrent twin waits on the claimed
+/// row until this transaction ends.
+pub(crate) async fn begin<T: DeserializeOwned>(
+    pool: &PgPool,
     kind: &str,
     scope: &PublicKey,
     key: &IdempotencyKey,
     request: &impl Serialize,
 ) -> Result<Claim<T>, LedgerError> {
+    let mut tx = pool.begin().await?;
     let body = serde_json::to_vec(request)
         .map_err(|error| LedgerError::Corrupt(format!("encoding a request: {error}")))?;
     let mut hasher = blake3::Hasher::new();
@@ -561,10 +575,10 @@ pub(crate) async fn claim<T: DeserializeOwned>(
     .bind(key.as_str())
     .bind(kind)
     .bind(request_hash.as_bytes().as_slice())
-    .fetch_optional(&mut **tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    if let Some((operation_id, now)) = claimed {
-        return Ok(Claim::New { operation_id, now });
+    if let Some((id, now)) = claimed {
+        return Ok(Claim::New(Operation { tx, id, now }));
     }
     let (stored_kind, stored_hash, response): (String, Vec<u8>, Option<serde_json::Value>) =
         sqlx::query_as(
@@ -573,7 +587,7 @@ pub(crate) async fn claim<T: DeserializeOwned>(
         )
         .bind(scope.as_bytes().as_slice())
         .bind(key.as_str())
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *tx)
         .await?;
     if stored_kind != kind || stored_hash.as_slice() != request_hash.as_bytes() {
         return Err(LedgerError::IdempotencyConflict(key.to_string()));

@@ -15,7 +15,7 @@ use ferry_proto::{Amount, ChannelId, PublicKey, SignedVoucher};
 
 use crate::error::LedgerError;
 use crate::ledger::{
-    ChannelRow, Claim, Ledger, MAX_SETTLEMENT_BATCH, channel_id_from_db, claim, load_channel,
+    ChannelRow, Claim, Ledger, MAX_SETTLEMENT_BATCH, begin, channel_id_from_db, load_channel,
     select_channels,
 };
 use crate::model::{
@@ -52,9 +52,8 @@ impl Ledger {
             });
         }
         let request = ("settle", relay, vouchers);
-        let mut tx = self.pool.begin().await?;
-        let (operation_id, now) = match claim(&mut tx, "settle", relay, key, &request).await? {
-            Claim::New { operation_id, now } => (operation_id, now),
+        let mut op = match begin(&self.pool, "settle", relay, key, &request).await? {
+            Claim::New(op) => op,
             Claim::Replay(outcomes) => return Ok(outcomes),
         };
         let mut ids: Vec<&[u8]> =
@@ -68,14 +67,14 @@ impl Ledger {
         ))
         .bind(&ids)
         .bind(relay.as_bytes().as_slice())
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *op.tx)
         .await?;
         let mut channels = HashMap::with_capacity(rows.len());
         for row in &rows {
             let row = ChannelRow::from_row(row)?;
             channels.insert(row.id, row);
         }
-        let foreign = foreign_channels(&mut tx, &ids, &channels).await?;
+        let foreign = foreign_channels(&mut op.tx, &ids, &channels).await?;
         let signature_ok = verify_signatures(&channels, vouchers).await?;
 
         let mut outcomes = Vec::with_capacity(vouchers.len());
@@ -84,7 +83,7 @@ impl Ledger {
             let channel = voucher.voucher.channel;
             let sequence = voucher.voucher.sequence;
             let verdict = match channels.get(&channel) {
-                Some(row) => judge(row, relay, voucher, *signature_ok, now),
+                Some(row) => judge(row, relay, voucher, *signature_ok, op.now),
                 None if foreign.contains(&channel) => Err(Rejection::WrongRelay),
                 None => Err(Rejection::UnknownChannel),
             };
@@ -117,7 +116,7 @@ impl Ledger {
                 let row = channel_row(&channels, channel)?;
                 accounts.extend([row.escrow_account, row.relay_account]);
             }
-            let mut postings = Postings::lock(&mut tx, &accounts).await?;
+            let mut postings = Postings::lock(&mut op.tx, &accounts).await?;
             for (channel, increase) in &payments {
                 self.pay(&mut postings, channel_row(&channels, channel)?, *increase)?;
             }
@@ -127,11 +126,11 @@ impl Ledger {
                 .collect::<Result<_, _>>()?;
             paid.sort_unstable_by_key(|row| row.id);
             paid.dedup_by_key(|row| row.id);
-            postings.write(&mut tx, operation_id, &paid, &outcomes).await?;
+            postings.write(&mut op.tx, op.id, &paid, &outcomes).await?;
         } else {
-            Postings::none().write(&mut tx, operation_id, &[], &outcomes).await?;
+            Postings::none().write(&mut op.tx, op.id, &[], &outcomes).await?;
         }
-        tx.commit().await?;
+        op.tx.commit().await?;
         Ok(outcomes)
     }
 
@@ -149,13 +148,11 @@ impl Ledger {
             return Err(LedgerError::VoucherRejected(Rejection::UnknownChannel));
         }
         let request = ("close_by_relay", relay, channel, final_voucher);
-        let mut tx = self.pool.begin().await?;
-        let (operation_id, now) =
-            match claim(&mut tx, "close_by_relay", relay, key, &request).await? {
-                Claim::New { operation_id, now } => (operation_id, now),
-                Claim::Replay(info) => return Ok(info),
-            };
-        let mut row = load_channel(&mut tx, channel, true).await?;
+        let mut op = match begin(&self.pool, "close_by_relay", relay, key, &request).await? {
+            Claim::New(op) => op,
+            Claim::Replay(info) => return Ok(info),
+        };
+        let mut row = load_channel(&mut op.tx, channel, true).await?;
         if row.relay != *relay {
             return Err(LedgerError::NotParticipant { role: "relay" });
         }
@@ -166,7 +163,7 @@ impl Ledger {
             None => Amount::ZERO,
             Some(voucher) => {
                 let signature_ok = voucher.verify(&row.client).is_ok();
-                match judge(&row, relay, voucher, signature_ok, now) {
+                match judge(&row, relay, voucher, signature_ok, op.now) {
                     Ok(Verdict::Pay(increase)) => {
                         row.settled = voucher.voucher.cumulative;
                         row.last_sequence = voucher.voucher.sequence;
@@ -178,12 +175,12 @@ impl Ledger {
             }
         };
         let accounts = [self.treasury, row.escrow_account, row.relay_account, row.client_account];
-        let mut postings = Postings::lock(&mut tx, &accounts).await?;
+        let mut postings = Postings::lock(&mut op.tx, &accounts).await?;
         self.pay(&mut postings, &row, increase)?;
-        self.refund_and_close(&mut postings, &mut row, now)?;
+        self.refund_and_close(&mut postings, &mut row, op.now)?;
         let info = row.clone().into_info()?;
-        postings.write(&mut tx, operation_id, &[&row], &info).await?;
-        tx.commit().await?;
+        postings.write(&mut op.tx, op.id, &[&row], &info).await?;
+        op.tx.commit().await?;
         Ok(info)
     }
 
