@@ -193,9 +193,7 @@ impl Ledger {
         postings.transfer(kind, debit, credit, amount, None)?;
         let receipt =
             TransferReceipt { operation_id: op.id, balance: postings.balance(holder_account)? };
-        postings.write(&mut op.tx, op.id, &[], &receipt).await?;
-        op.tx.commit().await?;
-        Ok(receipt)
+        op.commit(postings, &[], receipt).await
     }
 
     /// Opens a channel from `client` to `relay`, escrowing `amount` from the
@@ -252,10 +250,8 @@ impl Ledger {
         let mut postings = Postings::lock(&mut op.tx, &[client_account, escrow]).await?;
         postings.transfer(TransferKind::Funding, client_account, escrow, amount, Some(id))?;
         let row = load_channel(&mut op.tx, &id, false).await?;
-        let channel = row.clone().into_info()?;
-        postings.write(&mut op.tx, op.id, &[&row], &channel).await?;
-        op.tx.commit().await?;
-        Ok(channel)
+        let info = row.clone().into_info()?;
+        op.commit(postings, &[&row], info).await
     }
 
     /// Adds `amount` from the client's account to an open channel's escrow.
@@ -286,9 +282,7 @@ impl Ledger {
         )?;
         row.deposited = row.deposited.checked_add(amount)?;
         let info = row.clone().into_info()?;
-        postings.write(&mut op.tx, op.id, &[&row], &info).await?;
-        op.tx.commit().await?;
-        Ok(info)
+        op.commit(postings, &[&row], info).await
     }
 
     /// The client asks to close an open channel. The relay may still settle
@@ -317,9 +311,7 @@ impl Ledger {
                 LedgerError::InvalidConfig("dispute deadline out of range".into())
             })?);
         let info = row.clone().into_info()?;
-        Postings::none().write(&mut op.tx, op.id, &[&row], &info).await?;
-        op.tx.commit().await?;
-        Ok(info)
+        op.commit(Postings::none(), &[&row], info).await
     }
 
     /// Closes a closing channel whose dispute window has passed and returns
@@ -346,9 +338,7 @@ impl Ledger {
             Postings::lock(&mut op.tx, &[row.client_account, row.escrow_account]).await?;
         self.refund_and_close(&mut postings, &mut row, op.now)?;
         let info = row.clone().into_info()?;
-        postings.write(&mut op.tx, op.id, &[&row], &info).await?;
-        op.tx.commit().await?;
-        Ok(info)
+        op.commit(postings, &[&row], info).await
     }
 
     /// A channel's current state.
@@ -547,6 +537,21 @@ fn account_ref(
             AccountRef::Escrow { channel: channel_id_from_db(channel.as_deref())? }
         }
     })
+}
+
+impl Operation {
+    /// Writes everything the operation decided (`postings`, the new state of
+    /// `channels`, and `answer` for replays), commits, and returns `answer`.
+    pub(crate) async fn commit<T: Serialize>(
+        mut self,
+        postings: Postings,
+        channels: &[&ChannelRow],
+        answer: T,
+    ) -> Result<T, LedgerError> {
+        postings.write(&mut self.tx, self.id, channels, &answer).await?;
+        self.tx.commit().await?;
+        Ok(answer)
+    }
 }
 
 /// Begins an operation: opens its transaction and claims the idempotency key

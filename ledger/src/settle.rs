@@ -126,12 +126,10 @@ impl Ledger {
                 .collect::<Result<_, _>>()?;
             paid.sort_unstable_by_key(|row| row.id);
             paid.dedup_by_key(|row| row.id);
-            postings.write(&mut op.tx, op.id, &paid, &outcomes).await?;
+            op.commit(postings, &paid, outcomes).await
         } else {
-            Postings::none().write(&mut op.tx, op.id, &[], &outcomes).await?;
+            op.commit(Postings::none(), &[], outcomes).await
         }
-        op.tx.commit().await?;
-        Ok(outcomes)
     }
 
     /// The relay closes a channel at once: it settles `final_voucher` (if
@@ -179,9 +177,7 @@ impl Ledger {
         self.pay(&mut postings, &row, increase)?;
         self.refund_and_close(&mut postings, &mut row, op.now)?;
         let info = row.clone().into_info()?;
-        postings.write(&mut op.tx, op.id, &[&row], &info).await?;
-        op.tx.commit().await?;
-        Ok(info)
+        op.commit(postings, &[&row], info).await
     }
 
     /// Pays `increase` out of a channel's escrow: the fee to the treasury and
