@@ -8,6 +8,7 @@
 
 mod amount;
 mod keys;
+mod request;
 mod serde_str;
 mod voucher;
 
@@ -15,6 +16,9 @@ pub use amount::{
     AMOUNT_SCALE, Amount, AmountError, BYTES_PER_GIB, Balance, MAX_AMOUNT, PricePerByte, cost,
 };
 pub use keys::{KeyError, PublicKey, SecretKey, Signature, SignatureError};
+pub use request::{
+    KEY_HEADER, NONCE_HEADER, REQUEST_TAG, SIGNATURE_HEADER, SignedRequest, TIMESTAMP_HEADER,
+};
 pub use voucher::{
     CHANNEL_ID_TAG, ChannelId, DecodeError, SIGNED_VOUCHER_LEN, SignedVoucher, VOUCHER_TAG, Voucher,
 };

@@ -2,7 +2,7 @@
 //! checked to appear verbatim in the document, so the two cannot drift apart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use ferry_proto::{Amount, ChannelId, SecretKey, SignedVoucher, Voucher};
+use ferry_proto::{Amount, ChannelId, SecretKey, SignedRequest, SignedVoucher, Voucher};
 
 /// Each vector: a name and its expected value (hex unless noted).
 fn vectors() -> Vec<(&'static str, String)> {
@@ -11,6 +11,13 @@ fn vectors() -> Vec<(&'static str, String)> {
     let channel = ChannelId::derive(&client.public(), &relay.public(), 42);
     let voucher = Voucher { channel, sequence: 7, cumulative: "1.25".parse::<Amount>().unwrap() };
     let signed = voucher.sign(&client);
+    let request = SignedRequest {
+        method: "POST",
+        path_and_query: "/v1/settlements",
+        timestamp: 1_700_000_000,
+        nonce: [0x07; 16],
+        body: br#"{"vouchers":[]}"#,
+    };
     vec![
         ("client seed", hex::encode([0x01; 32])),
         ("client public key", client.public().to_string()),
@@ -20,6 +27,8 @@ fn vectors() -> Vec<(&'static str, String)> {
         ("voucher signing bytes", hex::encode(voucher.signing_bytes())),
         ("voucher signature", signed.signature.to_string()),
         ("signed voucher wire form", hex::encode(signed.encode())),
+        ("request signing bytes", hex::encode(request.signing_bytes())),
+        ("request signature", request.sign(&client).to_string()),
     ]
 }
 
@@ -45,6 +54,11 @@ fn vectors_are_stable() {
          769ea9441ec95561d8f9bd4b8e0a48e16f4b59602818b2f920531011e22e8447\
          0000000000000007\
          00000000000000001158e460913d0000",
+    );
+    expect(
+        "request signature",
+        "7c8b6c5a3062f36ed19d2dfc5abaee2ebf9ff712a59eb187d71eae117714e976\
+         1745b60fa8f3e40ef787ef0a5351adbc3fcd328cdf86a8a824109ce1f0837708",
     );
     expect(
         "voucher signature",
