@@ -34,8 +34,29 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Serve the registry and ledger web API.
+    Registry(RegistryArgs),
     /// Run the benchmarks and print their figures against same-run baselines.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct RegistryArgs {
+    /// The address to listen on (port 0 picks a free port; the address is
+    /// printed on the first line of standard output).
+    #[arg(long, env = "FERRY_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: std::net::SocketAddr,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// The operator's key file, created on first start; it signs deposits.
+    #[arg(long, env = "FERRY_OPERATOR_KEY", default_value = "ferry-operator.key")]
+    operator_key: PathBuf,
+    /// The registry's fee on settled amounts, in basis points.
+    #[arg(long, env = "FERRY_FEE_BPS", default_value_t = 100)]
+    fee_bps: u16,
+    /// How long a relay may still settle after a client asks to close, in seconds.
+    #[arg(long, env = "FERRY_DISPUTE_WINDOW_SECS", default_value_t = 86_400)]
+    dispute_window_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,10 +122,58 @@ fn main() -> ExitCode {
     }
 }
 
+/// Serves the registry until SIGINT or SIGTERM, then finishes the requests in
+/// flight and stops the embedded database, if any.
+async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
+    let operator = SecretKey::read_or_create_file(&args.operator_key)
+        .with_context(|| format!("operator key file {}", args.operator_key.display()))?;
+    let db = db::Database::open(args.database.database_url, &args.database.data_dir).await?;
+    let config = LedgerConfig {
+        fee_basis_points: args.fee_bps,
+        dispute_window: std::time::Duration::from_secs(args.dispute_window_secs),
+        ..LedgerConfig::default()
+    };
+    let ledger = Ledger::connect(db.options().clone(), config).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    println!("listening on http://{}", listener.local_addr()?);
+    println!("operator key {}", operator.public());
+    let state = ferry_api::AppState::new(
+        ledger.clone(),
+        ferry_api::RegistryConfig { operator: operator.public() },
+    );
+    let served = ferry_api::serve(listener, state, shutdown_signal()).await;
+    ledger.close().await;
+    db.close().await?;
+    served.context("serving the registry")
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo => demo::run().await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Registry(args) => registry(args).await.map(|()| ExitCode::SUCCESS),
         Command::Ledger { command: LedgerCommand::Check { database, json } } => {
             let db = db::Database::open(database.database_url, &database.data_dir).await?;
             let ledger = Ledger::connect(db.options().clone(), LedgerConfig::default()).await?;

@@ -110,3 +110,53 @@ async fn ledger_check_passes_on_a_healthy_ledger_and_fails_on_a_tampered_one() {
         .collect();
     assert!(broken.contains(&"the sum of all balances is zero"), "{broken:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_serves_until_sigterm_and_then_stops_cleanly() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+
+    let options = ferry_ledger::testing::fresh_database().await.unwrap();
+    let url = options.to_url_lossy().to_string();
+    let dir = std::env::temp_dir().join(format!("ferry-cli-registry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_path = dir.join("operator.key");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["registry", "--listen", "127.0.0.1:0", "--database-url", &url])
+        .arg("--operator-key")
+        .arg(&key_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The first line names the address; reading it is bounded by the child,
+    // which either prints it or exits.
+    let stdout = child.stdout.take().unwrap();
+    let first_line = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+            line
+        }),
+    )
+    .await
+    .expect("the registry starts within 60 s")
+    .unwrap();
+    let base = first_line.trim().strip_prefix("listening on ").expect("an address line").to_owned();
+    let health = reqwest::get(format!("{base}/readyz")).await.unwrap();
+    assert_eq!(health.status(), reqwest::StatusCode::OK);
+    assert!(key_path.exists(), "the operator key file was created");
+
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || child.wait().unwrap()),
+    )
+    .await
+    .expect("the registry stops within 30 s of SIGTERM")
+    .unwrap();
+    assert!(status.success(), "{status}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,135 @@
+//! Payment channels and settlement.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use ferry_ledger::{ChannelInfo, SettlementOutcome};
+use ferry_proto::{Amount, ChannelId, PublicKey, SignedVoucher};
+use serde::{Deserialize, Serialize};
+
+use crate::accounts::AmountBody;
+use crate::auth::Signed;
+use crate::{ApiError, AppState};
+
+/// The body of a channel open; the client is the signer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenBody {
+    /// The relay to pay.
+    pub relay: PublicKey,
+    /// The client's nonce, part of the channel id.
+    pub nonce: u64,
+    /// The escrow.
+    pub amount: Amount,
+}
+
+/// The body of a relay's close.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayCloseBody {
+    /// The newest voucher, settled before the rest is refunded.
+    pub final_voucher: Option<SignedVoucher>,
+}
+
+/// The body of a settlement: a batch of vouchers, signed by the relay.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleBody {
+    /// The vouchers, at most 10,000.
+    pub vouchers: Vec<SignedVoucher>,
+}
+
+/// The answer to a settlement: one outcome per voucher, in order.
+#[derive(Debug, Serialize)]
+pub struct SettleAnswer {
+    /// What each voucher did.
+    pub outcomes: Vec<SettlementOutcome>,
+}
+
+fn path_channel(text: &str) -> Result<ChannelId, ApiError> {
+    text.parse().map_err(|error| ApiError::bad_request("invalid_channel", format!("{error}")))
+}
+
+/// `POST /v1/channels`: open a channel from the signer to a relay.
+pub async fn open(
+    State(state): State<AppState>,
+    signed: Signed,
+) -> Result<(StatusCode, Json<ChannelInfo>), ApiError> {
+    let body: OpenBody = signed.json()?;
+    let key = signed.idempotency_key()?;
+    let channel =
+        state.ledger.open_channel(&key, &signed.key, &body.relay, body.nonce, body.amount).await?;
+    Ok((StatusCode::CREATED, Json(channel)))
+}
+
+/// `GET /v1/channels/{id}`: a channel, for its client and its relay.
+pub async fn read(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    signed: Signed,
+) -> Result<Json<ChannelInfo>, ApiError> {
+    let channel = state.ledger.channel(&path_channel(&id)?).await?;
+    if signed.key != channel.client && signed.key != channel.relay {
+        return Err(ApiError::forbidden("only the channel's client and relay may read it"));
+    }
+    Ok(Json(channel))
+}
+
+/// `POST /v1/channels/{id}/top-ups`: more escrow, from the client.
+pub async fn top_up(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    signed: Signed,
+) -> Result<Json<ChannelInfo>, ApiError> {
+    let body: AmountBody = signed.json()?;
+    let key = signed.idempotency_key()?;
+    Ok(Json(state.ledger.top_up(&key, &signed.key, &path_channel(&id)?, body.amount).await?))
+}
+
+/// `POST /v1/channels/{id}/close-request`: the client asks to close.
+pub async fn request_close(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    signed: Signed,
+) -> Result<Json<ChannelInfo>, ApiError> {
+    let key = signed.idempotency_key()?;
+    Ok(Json(state.ledger.request_close(&key, &signed.key, &path_channel(&id)?).await?))
+}
+
+/// `POST /v1/channels/{id}/finalize`: anyone closes a channel whose dispute
+/// window has passed; the rest goes to the client.
+pub async fn finalize(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    signed: Signed,
+) -> Result<Json<ChannelInfo>, ApiError> {
+    let key = signed.idempotency_key()?;
+    Ok(Json(state.ledger.finalize(&key, &signed.key, &path_channel(&id)?).await?))
+}
+
+/// `POST /v1/channels/{id}/relay-close`: the relay closes at once.
+pub async fn relay_close(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    signed: Signed,
+) -> Result<Json<ChannelInfo>, ApiError> {
+    let body: RelayCloseBody = signed.json()?;
+    let key = signed.idempotency_key()?;
+    let channel = path_channel(&id)?;
+    let info = state
+        .ledger
+        .close_by_relay(&key, &signed.key, &channel, body.final_voucher.as_ref())
+        .await?;
+    Ok(Json(info))
+}
+
+/// `POST /v1/settlements`: the signing relay settles a batch of vouchers.
+pub async fn settle(
+    State(state): State<AppState>,
+    signed: Signed,
+) -> Result<Json<SettleAnswer>, ApiError> {
+    let body: SettleBody = signed.json()?;
+    let key = signed.idempotency_key()?;
+    let outcomes = state.ledger.settle(&key, &signed.key, &body.vouchers).await?;
+    Ok(Json(SettleAnswer { outcomes }))
+}

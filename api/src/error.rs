@@ -1,0 +1,91 @@
+//! API errors: JSON `{code, message}` with a precise status, and never a
+//! database detail.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use ferry_ledger::LedgerError;
+use serde::Serialize;
+
+/// An error answered to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// A stable machine-readable code, such as `insufficient_balance`.
+    pub code: &'static str,
+    /// What happened, for people.
+    pub message: String,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+
+    /// 400: the request is malformed.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 401: the request's signature is missing or not acceptable.
+    pub fn unauthenticated(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    /// 403: the signer may not do this.
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body { code: self.code, message: &self.message };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(error: LedgerError) -> ApiError {
+        use StatusCode as S;
+        let message = error.to_string();
+        let (status, code) = match &error {
+            LedgerError::ZeroAmount => (S::UNPROCESSABLE_ENTITY, "zero_amount"),
+            LedgerError::Amount(_) => (S::UNPROCESSABLE_ENTITY, "invalid_amount"),
+            LedgerError::InsufficientBalance { .. } => {
+                (S::UNPROCESSABLE_ENTITY, "insufficient_balance")
+            }
+            LedgerError::IdempotencyConflict(_) => (S::CONFLICT, "idempotency_conflict"),
+            LedgerError::UnknownChannel(_) => (S::NOT_FOUND, "unknown_channel"),
+            LedgerError::ChannelExists(_) => (S::CONFLICT, "channel_exists"),
+            LedgerError::NotParticipant { .. } => (S::FORBIDDEN, "forbidden"),
+            LedgerError::WrongState { .. } => (S::CONFLICT, "wrong_state"),
+            LedgerError::DisputeWindowOpen { .. } => (S::CONFLICT, "dispute_window_open"),
+            LedgerError::SameKey => (S::UNPROCESSABLE_ENTITY, "same_key"),
+            LedgerError::BatchTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "batch_too_large"),
+            LedgerError::PageSize { .. } => (S::BAD_REQUEST, "page_size"),
+            LedgerError::VoucherRejected(_) => (S::UNPROCESSABLE_ENTITY, "voucher_rejected"),
+            LedgerError::Database(source) => {
+                tracing::error!(error = %source, "ledger database error");
+                (S::SERVICE_UNAVAILABLE, "unavailable")
+            }
+            LedgerError::InvalidConfig(_) | LedgerError::Corrupt(_) => {
+                tracing::error!(%error, "ledger internal error");
+                return ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", "internal error");
+            }
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+/// The answer for a path no route serves.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such resource")
+}
