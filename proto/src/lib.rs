@@ -6,12 +6,17 @@
 //! `docs/PROTOCOL.md`, and `tests/vectors.rs` holds the test vectors that a
 //! client written in another language can check itself against.
 
+mod advert;
 mod amount;
 mod keys;
 mod request;
 mod serde_str;
 mod voucher;
 
+pub use advert::{
+    ADVERT_TAG, AdvertError, MAX_ADDRESS_LEN, MAX_REGION_LEN, PROTOCOL_VERSION, RelayAdvert,
+    SignedAdvert,
+};
 pub use amount::{
     AMOUNT_SCALE, Amount, AmountError, BYTES_PER_GIB, Balance, MAX_AMOUNT, PricePerByte, cost,
 };

@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn tags_are_distinct_and_prefix_free() {
-        let tags = [CHANNEL_ID_TAG, VOUCHER_TAG, crate::REQUEST_TAG];
+        let tags = [CHANNEL_ID_TAG, VOUCHER_TAG, crate::REQUEST_TAG, crate::ADVERT_TAG];
         for (i, a) in tags.iter().enumerate() {
             assert_eq!(a.last(), Some(&0));
             assert_eq!(a.iter().filter(|&&b| b == 0).count(), 1);

@@ -2,7 +2,9 @@
 //! checked to appear verbatim in the document, so the two cannot drift apart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use ferry_proto::{Amount, ChannelId, SecretKey, SignedRequest, SignedVoucher, Voucher};
+use ferry_proto::{
+    Amount, ChannelId, RelayAdvert, SecretKey, SignedRequest, SignedVoucher, Voucher,
+};
 
 /// Each vector: a name and its expected value (hex unless noted).
 fn vectors() -> Vec<(&'static str, String)> {
@@ -18,6 +20,16 @@ fn vectors() -> Vec<(&'static str, String)> {
         nonce: [0x07; 16],
         body: br#"{"vouchers":[]}"#,
     };
+    let advert = RelayAdvert {
+        relay: relay.public(),
+        address: "relay.example.net:7000".into(),
+        price_per_byte: "0.00000000005".parse().unwrap(),
+        credit_window_bytes: 1_048_576,
+        capacity_bytes_per_sec: 104_857_600,
+        region: "eu-west".into(),
+        protocol_version: 1,
+        issued_at_ms: 1_700_000_000_000,
+    };
     vec![
         ("client seed", hex::encode([0x01; 32])),
         ("client public key", client.public().to_string()),
@@ -29,6 +41,8 @@ fn vectors() -> Vec<(&'static str, String)> {
         ("signed voucher wire form", hex::encode(signed.encode())),
         ("request signing bytes", hex::encode(request.signing_bytes())),
         ("request signature", request.sign(&client).to_string()),
+        ("advert signing bytes", hex::encode(advert.signing_bytes())),
+        ("advert signature", advert.sign(&relay).signature.to_string()),
     ]
 }
 
@@ -54,6 +68,11 @@ fn vectors_are_stable() {
          769ea9441ec95561d8f9bd4b8e0a48e16f4b59602818b2f920531011e22e8447\
          0000000000000007\
          00000000000000001158e460913d0000",
+    );
+    expect(
+        "advert signature",
+        "9ca12ab80c64709b788c6e72c27f5849ebf8202e238e33b2e909ff379491140a\
+         54cf21137975b82d97be9f70263aa05143419ef903634369d0ade2f445fbb408",
     );
     expect(
         "request signature",
