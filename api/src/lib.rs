@@ -13,13 +13,15 @@ pub mod auth;
 mod channels;
 mod error;
 mod health;
+mod relays;
+mod reputation;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use ferry_ledger::Ledger;
 use ferry_proto::PublicKey;
 use tokio::net::TcpListener;
@@ -71,6 +73,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/channels/{id}/finalize", post(channels::finalize))
         .route("/v1/channels/{id}/relay-close", post(channels::relay_close))
         .route("/v1/settlements", post(channels::settle))
+        .route("/v1/relays", get(relays::list))
+        .route("/v1/relays/{key}", get(relays::detail))
+        .route("/v1/relays/{key}/advert", put(relays::publish))
+        .route("/v1/relays/{key}/heartbeats", post(relays::heartbeat))
         .fallback(error::not_found)
         .with_state(state)
 }
