@@ -4,6 +4,7 @@ mod bench;
 mod db;
 mod demo;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -137,8 +138,14 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    println!("listening on http://{}", listener.local_addr()?);
-    println!("operator key {}", operator.public());
+    // One line for scripts and tests to read the address from. A closed
+    // standard output must not stop a server, so write errors are ignored.
+    let _ = writeln!(
+        std::io::stdout(),
+        "listening on http://{} (operator key {})",
+        listener.local_addr()?,
+        operator.public()
+    );
     let state = ferry_api::AppState::new(
         ledger.clone(),
         ferry_api::RegistryConfig { operator: operator.public() },

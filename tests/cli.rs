@@ -132,18 +132,24 @@ async fn the_registry_serves_until_sigterm_and_then_stops_cleanly() {
     // The first line names the address; reading it is bounded by the child,
     // which either prints it or exits.
     let stdout = child.stdout.take().unwrap();
-    let first_line = tokio::time::timeout(
+    let (first_line, _stdout) = tokio::time::timeout(
         std::time::Duration::from_secs(60),
         tokio::task::spawn_blocking(move || {
+            let mut reader = std::io::BufReader::new(stdout);
             let mut line = String::new();
-            std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
-            line
+            reader.read_line(&mut line).unwrap();
+            // The pipe stays open until the test ends.
+            (line, reader)
         }),
     )
     .await
     .expect("the registry starts within 60 s")
     .unwrap();
-    let base = first_line.trim().strip_prefix("listening on ").expect("an address line").to_owned();
+    let base = first_line
+        .strip_prefix("listening on ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("an address line")
+        .to_owned();
     let health = reqwest::get(format!("{base}/readyz")).await.unwrap();
     assert_eq!(health.status(), reqwest::StatusCode::OK);
     assert!(key_path.exists(), "the operator key file was created");
