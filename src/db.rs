@@ -87,9 +87,7 @@ async fn create_database_if_missing(cluster: &EmbeddedPostgres) -> anyhow::Resul
 /// (the postgres user must be able to reach it, and root's home is closed),
 /// else the XDG data directory.
 pub fn default_data_dir() -> PathBuf {
-    let root =
-        std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
-    if root.unwrap_or(false) {
+    if ferry_ledger::embedded::running_as_root() {
         return PathBuf::from("/var/lib/ferry/postgres");
     }
     let base = std::env::var_os("XDG_DATA_HOME")

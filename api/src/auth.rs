@@ -169,8 +169,7 @@ async fn remember_nonce(
     .bind(key.as_bytes().as_slice())
     .bind(nonce.as_slice())
     .execute(state.ledger.pool())
-    .await
-    .map_err(ferry_ledger::LedgerError::Database)?;
+    .await?;
     if fresh.rows_affected() == 0 {
         return Err(ApiError::unauthenticated(
             "replayed_nonce",

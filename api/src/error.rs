@@ -85,6 +85,12 @@ impl From<LedgerError> for ApiError {
     }
 }
 
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> ApiError {
+        ApiError::from(LedgerError::Database(error))
+    }
+}
+
 /// The answer for a path no route serves.
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such resource")

@@ -161,10 +161,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn database(error: sqlx::Error) -> ApiError {
-    ApiError::from(ferry_ledger::LedgerError::Database(error))
-}
-
 /// `PUT /v1/relays/{key}/advert`: publish or replace the relay's signed
 /// advertisement; a newer one replaces an older one, never the reverse.
 pub async fn publish(
@@ -212,8 +208,7 @@ pub async fn publish(
     .bind(&advert.advert.region)
     .bind(issued_at_ms)
     .execute(state.ledger.pool())
-    .await
-    .map_err(database)?;
+    .await?;
     if stored.rows_affected() == 0 {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -221,7 +216,7 @@ pub async fn publish(
             "a newer advertisement of this relay is already published",
         ));
     }
-    reputation::recompute(state.ledger.pool(), &key).await.map_err(database)?;
+    reputation::recompute(state.ledger.pool(), &key).await?;
     Ok(Json(load(&state, &key).await?))
 }
 
@@ -253,12 +248,11 @@ pub async fn heartbeat(
     .bind(load_now)
     .bind(sessions)
     .execute(state.ledger.pool())
-    .await
-    .map_err(database)?;
+    .await?;
     if updated.rows_affected() == 0 && !exists(&state, &key).await? {
         return Err(unknown_relay());
     }
-    reputation::recompute(state.ledger.pool(), &key).await.map_err(database)?;
+    reputation::recompute(state.ledger.pool(), &key).await?;
     Ok(Json(load(&state, &key).await?))
 }
 
@@ -318,18 +312,17 @@ pub async fn list(
         .bind(cursor.as_ref().map(|c| c.key.as_bytes().to_vec()))
         .bind(i64::from(limit))
         .fetch_all(state.ledger.pool())
-        .await
-        .map_err(database)?;
+        .await?;
     let mut relays = Vec::with_capacity(rows.len());
     let mut last_sort_value = None;
     for row in &rows {
         last_sort_value = Some(match query.sort {
-            SortBy::Price => row.try_get::<String, _>("price_text").map_err(database)?,
+            SortBy::Price => row.try_get::<String, _>("price_text")?,
             SortBy::Reputation => {
-                format!("{:?}", row.try_get::<f64, _>("reputation").map_err(database)?)
+                format!("{:?}", row.try_get::<f64, _>("reputation")?)
             }
             SortBy::Value => {
-                format!("{:?}", row.try_get::<f64, _>("value_score").map_err(database)?)
+                format!("{:?}", row.try_get::<f64, _>("value_score")?)
             }
         });
         relays.push(view(row)?);
@@ -357,8 +350,7 @@ pub async fn detail(
     )
     .bind(key.as_bytes().as_slice())
     .fetch_all(state.ledger.pool())
-    .await
-    .map_err(database)?;
+    .await?;
     let uptime_history =
         rows.into_iter().map(|(hour, minutes_up)| UptimeHour { hour, minutes_up }).collect();
     Ok(Json(RelayDetail { relay, uptime_history }))
@@ -403,11 +395,10 @@ impl Cursor {
 }
 
 async fn exists(state: &AppState, key: &PublicKey) -> Result<bool, ApiError> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM relays WHERE key_bytes = $1)")
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM relays WHERE key_bytes = $1)")
         .bind(key.as_bytes().as_slice())
         .fetch_one(state.ledger.pool())
-        .await
-        .map_err(database)
+        .await?)
 }
 
 fn unknown_relay() -> ApiError {
@@ -418,8 +409,7 @@ async fn load(state: &AppState, key: &PublicKey) -> Result<RelayView, ApiError> 
     let row = sqlx::query(select_relays!("WHERE key_bytes = $1"))
         .bind(key.as_bytes().as_slice())
         .fetch_optional(state.ledger.pool())
-        .await
-        .map_err(database)?
+        .await?
         .ok_or_else(unknown_relay)?;
     view(&row)
 }
@@ -429,26 +419,26 @@ fn view(row: &PgRow) -> Result<RelayView, ApiError> {
         tracing::error!(what, "a stored relay row is invalid");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
     };
-    let advert: SignedAdvert = serde_json::from_value(row.try_get("advert").map_err(database)?)
-        .map_err(|_| corrupt("advert"))?;
-    let first_seen: DateTime<Utc> = row.try_get("first_seen").map_err(database)?;
-    let paid: String = row.try_get("paid_volume_30d").map_err(database)?;
+    let advert: SignedAdvert =
+        serde_json::from_value(row.try_get("advert")?).map_err(|_| corrupt("advert"))?;
+    let first_seen: DateTime<Utc> = row.try_get("first_seen")?;
+    let paid: String = row.try_get("paid_volume_30d")?;
     Ok(RelayView {
         price_per_gib: advert.advert.price_per_byte.per_gib(),
-        live: row.try_get("live").map_err(database)?,
-        last_heartbeat: row.try_get("last_heartbeat").map_err(database)?,
-        load_bytes_per_sec: row.try_get("load_bytes_per_sec").map_err(database)?,
-        sessions: row.try_get("sessions").map_err(database)?,
+        live: row.try_get("live")?,
+        last_heartbeat: row.try_get("last_heartbeat")?,
+        load_bytes_per_sec: row.try_get("load_bytes_per_sec")?,
+        sessions: row.try_get("sessions")?,
         reputation: ReputationView {
-            score: row.try_get("reputation").map_err(database)?,
-            uptime_24h: row.try_get("uptime_24h").map_err(database)?,
+            score: row.try_get("reputation")?,
+            uptime_24h: row.try_get("uptime_24h")?,
             paid_volume_30d: paid.parse().map_err(|_| corrupt("paid_volume_30d"))?,
-            paying_clients_30d: row.try_get("paying_clients_30d").map_err(database)?,
-            settled_vouchers_30d: row.try_get("settled_vouchers_30d").map_err(database)?,
-            rejected_vouchers_30d: row.try_get("rejected_vouchers_30d").map_err(database)?,
+            paying_clients_30d: row.try_get("paying_clients_30d")?,
+            settled_vouchers_30d: row.try_get("settled_vouchers_30d")?,
+            rejected_vouchers_30d: row.try_get("rejected_vouchers_30d")?,
             age_days: (Utc::now() - first_seen).num_seconds() as f64 / 86_400.0,
         },
-        value_score: row.try_get("value_score").map_err(database)?,
+        value_score: row.try_get("value_score")?,
         advert,
     })
 }

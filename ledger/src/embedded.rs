@@ -118,7 +118,7 @@ impl EmbeddedPostgres {
     /// connections. This blocks; call it from `spawn_blocking` in async code.
     pub fn start(options: EmbeddedOptions) -> Result<EmbeddedPostgres, EmbeddedError> {
         let bindir = find_bindir()?;
-        let run_as = if is_root() { Some(postgres_user()?) } else { None };
+        let run_as = if running_as_root() { Some(postgres_user()?) } else { None };
         prepare_dir(&options.dir, run_as)?;
         let data_dir = options.dir.join("data");
         if !data_dir.join("PG_VERSION").exists() {
@@ -260,7 +260,9 @@ fn find_bindir() -> Result<PathBuf, EmbeddedError> {
     versions.pop().map(|(_, dir)| dir).ok_or(EmbeddedError::BinariesNotFound)
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root, in which case PostgreSQL runs as the
+/// `postgres` user and its directories must be reachable by that user.
+pub fn running_as_root() -> bool {
     fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false)

@@ -99,13 +99,8 @@ impl Ledger {
                     row.settled = voucher.voucher.cumulative;
                     row.last_sequence = sequence;
                     payments.push((channel, increase));
-                    let fee = increase.basis_points(self.config.fee_basis_points);
-                    SettlementOutcome::Settled {
-                        channel,
-                        sequence,
-                        paid: increase.checked_sub(fee)?,
-                        fee,
-                    }
+                    let (paid, fee) = self.split_fee(increase)?;
+                    SettlementOutcome::Settled { channel, sequence, paid, fee }
                 }
             });
         }
@@ -180,6 +175,13 @@ impl Ledger {
         op.commit(postings, &[&row], info).await
     }
 
+    /// Splits a voucher's `increase` into what the relay is paid and the
+    /// registry's fee; the two always add up to `increase`.
+    fn split_fee(&self, increase: Amount) -> Result<(Amount, Amount), LedgerError> {
+        let fee = increase.basis_points(self.config.fee_basis_points);
+        Ok((increase.checked_sub(fee)?, fee))
+    }
+
     /// Pays `increase` out of a channel's escrow: the fee to the treasury and
     /// the rest to the relay.
     fn pay(
@@ -188,8 +190,7 @@ impl Ledger {
         row: &ChannelRow,
         increase: Amount,
     ) -> Result<(), LedgerError> {
-        let fee = increase.basis_points(self.config.fee_basis_points);
-        let paid = increase.checked_sub(fee)?;
+        let (paid, fee) = self.split_fee(increase)?;
         let (escrow, channel) = (row.escrow_account, Some(row.id));
         postings.transfer(TransferKind::Settlement, escrow, row.relay_account, paid, channel)?;
         postings.transfer(TransferKind::Fee, escrow, self.treasury, fee, channel)
