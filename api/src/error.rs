@@ -39,6 +39,13 @@ impl ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, code, message)
     }
 
+    /// 500: something the registry stored is not what it wrote; the detail
+    /// goes to the log, never to the client.
+    pub fn internal(what: &str) -> ApiError {
+        tracing::error!(what, "internal error");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+    }
+
     /// 403: the signer may not do this.
     pub fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
@@ -77,8 +84,7 @@ impl From<LedgerError> for ApiError {
                 (S::SERVICE_UNAVAILABLE, "unavailable")
             }
             LedgerError::InvalidConfig(_) | LedgerError::Corrupt(_) => {
-                tracing::error!(%error, "ledger internal error");
-                return ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", "internal error");
+                return ApiError::internal(&error.to_string());
             }
         };
         ApiError::new(status, code, message)

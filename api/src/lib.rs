@@ -13,6 +13,7 @@ pub mod auth;
 mod channels;
 mod error;
 mod health;
+mod home;
 mod relays;
 mod reputation;
 
@@ -73,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/channels/{id}/finalize", post(channels::finalize))
         .route("/v1/channels/{id}/relay-close", post(channels::relay_close))
         .route("/v1/settlements", post(channels::settle))
+        .route("/v1/clients/{key}/home-relays", put(home::publish).get(home::read))
         .route("/v1/relays", get(relays::list))
         .route("/v1/relays/{key}", get(relays::detail))
         .route("/v1/relays/{key}/advert", put(relays::publish))

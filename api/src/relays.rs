@@ -161,6 +161,23 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Checks a signed document's `issued_at_ms`: not ahead of the registry's
+/// clock by more than the clock skew, since a document from the future would
+/// block every newer one until then.
+pub(crate) fn issued_at_ms(issued_at_ms: u64) -> Result<i64, ApiError> {
+    let latest_allowed = now_ms().saturating_add(CLOCK_SKEW.as_secs() * 1000);
+    if issued_at_ms > latest_allowed {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "issued_in_future",
+            "issued_at_ms is ahead of the registry's clock",
+        ));
+    }
+    // Any time up to the registry's clock fits in an i64 of milliseconds.
+    i64::try_from(issued_at_ms)
+        .map_err(|_| ApiError::bad_request("invalid_body", "issued_at_ms is out of range"))
+}
+
 /// `PUT /v1/relays/{key}/advert`: publish or replace the relay's signed
 /// advertisement; a newer one replaces an older one, never the reverse.
 pub async fn publish(
@@ -180,16 +197,7 @@ pub async fn publish(
     advert.verify().map_err(|error| {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_advert", error.to_string())
     })?;
-    let latest_allowed = now_ms().saturating_add(CLOCK_SKEW.as_secs() * 1000);
-    if advert.advert.issued_at_ms > latest_allowed {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "advert_from_future",
-            "the advertisement's issued_at_ms is ahead of the registry's clock",
-        ));
-    }
-    let issued_at_ms = i64::try_from(advert.advert.issued_at_ms)
-        .map_err(|_| ApiError::bad_request("invalid_advert", "issued_at_ms is out of range"))?;
+    let issued_at_ms = issued_at_ms(advert.advert.issued_at_ms)?;
     let json = serde_json::to_value(&advert)
         .map_err(|error| ApiError::bad_request("invalid_advert", error.to_string()))?;
     let stored = sqlx::query(
@@ -414,11 +422,24 @@ async fn load(state: &AppState, key: &PublicKey) -> Result<RelayView, ApiError> 
     view(&row)
 }
 
+/// The registered relays among `keys`, in the order of `keys`.
+pub(crate) async fn load_many(
+    state: &AppState,
+    keys: &[PublicKey],
+) -> Result<Vec<RelayView>, ApiError> {
+    let key_bytes: Vec<Vec<u8>> = keys.iter().map(|key| key.as_bytes().to_vec()).collect();
+    let rows = sqlx::query(select_relays!(
+        "JOIN unnest($1::bytea[]) WITH ORDINALITY AS wanted (key, position) \
+         ON key_bytes = wanted.key ORDER BY wanted.position"
+    ))
+    .bind(&key_bytes)
+    .fetch_all(state.ledger.pool())
+    .await?;
+    rows.iter().map(view).collect()
+}
+
 fn view(row: &PgRow) -> Result<RelayView, ApiError> {
-    let corrupt = |what: &str| {
-        tracing::error!(what, "a stored relay row is invalid");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
-    };
+    let corrupt = |what: &str| ApiError::internal(&format!("stored relay row: invalid {what}"));
     let advert: SignedAdvert =
         serde_json::from_value(row.try_get("advert")?).map_err(|_| corrupt("advert"))?;
     let first_seen: DateTime<Utc> = row.try_get("first_seen")?;

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use ferry_proto::{RelayAdvert, SecretKey, Voucher};
+use ferry_proto::{HomeRelays, RelayAdvert, SecretKey, SignedHomeRelays, Voucher};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -174,7 +174,7 @@ async fn bad_advertisements_and_heartbeats_are_refused() {
         )
         .await,
         StatusCode::UNPROCESSABLE_ENTITY,
-        "advert_from_future",
+        "issued_in_future",
     );
     expect(
         publish(&registry, &relay, advert(&relay, "0.00000000005", "EU West", issued + 1), &relay)
@@ -344,5 +344,100 @@ async fn paid_volume_from_distinct_clients_raises_reputation() {
         "{paid_view} vs {idle_view}"
     );
     registry.assert_invariants().await;
+    registry.stop().await;
+}
+
+async fn publish_home(
+    registry: &Registry,
+    client: &SecretKey,
+    home: HomeRelays,
+    signer: &SecretKey,
+) -> (StatusCode, Value) {
+    let signed = home.sign(signer);
+    Call::new("PUT", &format!("/v1/clients/{}/home-relays", client.public()), Some(json!(signed)))
+        .send(&registry.base, client)
+        .await
+}
+
+async fn read_home(registry: &Registry, client: &SecretKey) -> (StatusCode, Value) {
+    let url = format!("{}/v1/clients/{}/home-relays", registry.base, client.public());
+    let response = reqwest::get(url).await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_publishes_its_home_relays_and_a_peer_finds_them() {
+    let registry = Registry::start().await;
+    let (relay_a, relay_b, client, mallory) = (key(10), key(11), key(20), key(21));
+    let issued = now() * 1000;
+    for relay in [&relay_a, &relay_b] {
+        let (status, _) =
+            publish(&registry, relay, advert(relay, "0.00000000005", "eu-west", issued), relay)
+                .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let home = |relays: Vec<&SecretKey>, issued_at_ms: u64| HomeRelays {
+        client: client.public(),
+        relays: relays.into_iter().map(SecretKey::public).collect(),
+        direct_address: None,
+        issued_at_ms,
+    };
+    let (status, body) = read_home(&registry, &client).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::NOT_FOUND, Some("unknown_client")));
+
+    let (status, view) =
+        publish_home(&registry, &client, home(vec![&relay_b, &relay_a], issued), &client).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    let (status, found) = read_home(&registry, &client).await;
+    assert_eq!(status, StatusCode::OK);
+    let signed: SignedHomeRelays = serde_json::from_value(found["home"].clone()).unwrap();
+    assert!(signed.verify().is_ok(), "a peer can check the list itself");
+    let listed: Vec<&str> = found["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["advert"]["advert"]["relay"].as_str().unwrap())
+        .collect();
+    let expected = [relay_b.public().to_string(), relay_a.public().to_string()];
+    assert_eq!(listed, expected, "the relays come in the client's order, with their adverts");
+
+    // Bad lists are refused, and the published one stays.
+    let unknown = key(30);
+    let refusals = [
+        (home(vec![&relay_a], issued + 1), &mallory, StatusCode::UNPROCESSABLE_ENTITY),
+        (home(vec![&unknown], issued + 1), &client, StatusCode::UNPROCESSABLE_ENTITY),
+        (home(vec![], issued + 1), &client, StatusCode::UNPROCESSABLE_ENTITY),
+        (home(vec![&relay_a], issued - 1), &client, StatusCode::CONFLICT),
+        (home(vec![&relay_a], issued + 3_600_000), &client, StatusCode::UNPROCESSABLE_ENTITY),
+    ];
+    for (list, signer, expected) in refusals {
+        let (status, body) = publish_home(&registry, &client, list, signer).await;
+        assert_eq!(status, expected, "{body}");
+    }
+    let naming_another =
+        HomeRelays { client: mallory.public(), ..home(vec![&relay_a], issued + 1) };
+    let (status, body) = publish_home(&registry, &client, naming_another, &mallory).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("home_key_mismatch"))
+    );
+    // Signed by another key than the path's: forbidden.
+    let signed = home(vec![&relay_a], issued + 1).sign(&client);
+    let (status, _) = Call::new(
+        "PUT",
+        &format!("/v1/clients/{}/home-relays", client.public()),
+        Some(json!(signed)),
+    )
+    .send(&registry.base, &mallory)
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(read_home(&registry, &client).await.1, found, "nothing changed");
+
+    // A newer list replaces the old one.
+    let (status, _) =
+        publish_home(&registry, &client, home(vec![&relay_a], issued + 1), &client).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(read_home(&registry, &client).await.1["relays"].as_array().unwrap().len(), 1);
     registry.stop().await;
 }

@@ -56,14 +56,7 @@ pub struct RelayAdvert {
 impl RelayAdvert {
     /// Checks the address and region forms.
     pub fn validate(&self) -> Result<(), AdvertError> {
-        let address_ok = !self.address.is_empty()
-            && self.address.len() <= MAX_ADDRESS_LEN
-            && self.address.bytes().all(|b| b.is_ascii_graphic())
-            && self
-                .address
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !address_ok {
+        if !is_valid_address(&self.address) {
             return Err(AdvertError::Address);
         }
         let region_ok = !self.region.is_empty()
@@ -117,9 +110,20 @@ impl SignedAdvert {
     }
 }
 
+/// Whether `address` is `host:port` in 1 to [`MAX_ADDRESS_LEN`] printable
+/// ASCII characters.
+pub(crate) fn is_valid_address(address: &str) -> bool {
+    !address.is_empty()
+        && address.len() <= MAX_ADDRESS_LEN
+        && address.bytes().all(|b| b.is_ascii_graphic())
+        && address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
 /// Appends `text` with a u16 length prefix; callers bound texts far below
 /// 64 KiB by validation, and longer ones are cut, never wrapped.
-fn push_short_text(bytes: &mut Vec<u8>, text: &str) {
+pub(crate) fn push_short_text(bytes: &mut Vec<u8>, text: &str) {
     let len = u16::try_from(text.len()).unwrap_or(u16::MAX);
     bytes.extend_from_slice(&len.to_be_bytes());
     bytes.extend_from_slice(&text.as_bytes()[..usize::from(len)]);

@@ -8,6 +8,7 @@
 
 mod advert;
 mod amount;
+mod home;
 mod keys;
 mod request;
 mod serde_str;
@@ -20,6 +21,7 @@ pub use advert::{
 pub use amount::{
     AMOUNT_SCALE, Amount, AmountError, BYTES_PER_GIB, Balance, MAX_AMOUNT, PricePerByte, cost,
 };
+pub use home::{HOME_RELAYS_TAG, HomeRelays, HomeRelaysError, MAX_HOME_RELAYS, SignedHomeRelays};
 pub use keys::{KeyError, PublicKey, SecretKey, Signature, SignatureError};
 pub use request::{
     KEY_HEADER, NONCE_HEADER, REQUEST_TAG, SIGNATURE_HEADER, SignedRequest, TIMESTAMP_HEADER,

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use ferry_proto::{
-    Amount, ChannelId, RelayAdvert, SecretKey, SignedRequest, SignedVoucher, Voucher,
+    Amount, ChannelId, HomeRelays, RelayAdvert, SecretKey, SignedRequest, SignedVoucher, Voucher,
 };
 
 /// Each vector: a name and its expected value (hex unless noted).
@@ -30,6 +30,12 @@ fn vectors() -> Vec<(&'static str, String)> {
         protocol_version: 1,
         issued_at_ms: 1_700_000_000_000,
     };
+    let home = HomeRelays {
+        client: client.public(),
+        relays: vec![relay.public()],
+        direct_address: Some("203.0.113.7:4000".into()),
+        issued_at_ms: 1_700_000_000_000,
+    };
     vec![
         ("client seed", hex::encode([0x01; 32])),
         ("client public key", client.public().to_string()),
@@ -43,6 +49,8 @@ fn vectors() -> Vec<(&'static str, String)> {
         ("request signature", request.sign(&client).to_string()),
         ("advert signing bytes", hex::encode(advert.signing_bytes())),
         ("advert signature", advert.sign(&relay).signature.to_string()),
+        ("home relays signing bytes", hex::encode(home.signing_bytes())),
+        ("home relays signature", home.sign(&client).signature.to_string()),
     ]
 }
 
@@ -73,6 +81,11 @@ fn vectors_are_stable() {
         "advert signature",
         "9ca12ab80c64709b788c6e72c27f5849ebf8202e238e33b2e909ff379491140a\
          54cf21137975b82d97be9f70263aa05143419ef903634369d0ade2f445fbb408",
+    );
+    expect(
+        "home relays signature",
+        "92d835f733d14d344ebe1be057dc91215cc8240773f75142b439fa6d548ddbac\
+         ff8987c82c005301245b728fc7643f20e7bd4e6d9a44344783beadf7a9ec1a0d",
     );
     expect(
         "request signature",
