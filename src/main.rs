@@ -58,6 +58,42 @@ struct RegistryArgs {
     /// How long a relay may still settle after a client asks to close, in seconds.
     #[arg(long, env = "FERRY_DISPUTE_WINDOW_SECS", default_value_t = 86_400)]
     dispute_window_secs: u64,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// The registry's request limits (docs/OPERATING.md).
+#[derive(Debug, Args)]
+struct LimitArgs {
+    /// The largest request body, in bytes.
+    #[arg(long, env = "FERRY_MAX_BODY_BYTES", default_value_t = ferry_api::Limits::default().max_body_bytes)]
+    max_body_bytes: usize,
+    /// The longest a request may take, in milliseconds.
+    #[arg(long, env = "FERRY_REQUEST_TIMEOUT_MS", default_value_t = ferry_api::Limits::default().request_timeout.as_secs() * 1000)]
+    request_timeout_ms: u64,
+    /// Requests per second per client IP address (0: no limit).
+    #[arg(long, env = "FERRY_RATE_PER_IP", default_value_t = ferry_api::Limits::default().per_ip.per_sec)]
+    rate_per_ip: u32,
+    /// Requests a client IP address may send at once.
+    #[arg(long, env = "FERRY_BURST_PER_IP", default_value_t = ferry_api::Limits::default().per_ip.burst)]
+    burst_per_ip: u32,
+    /// Signed requests per second per key (0: no limit).
+    #[arg(long, env = "FERRY_RATE_PER_KEY", default_value_t = ferry_api::Limits::default().per_key.per_sec)]
+    rate_per_key: u32,
+    /// Signed requests a key may send at once.
+    #[arg(long, env = "FERRY_BURST_PER_KEY", default_value_t = ferry_api::Limits::default().per_key.burst)]
+    burst_per_key: u32,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> ferry_api::Limits {
+        ferry_api::Limits {
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
+            per_ip: ferry_api::Rate { per_sec: self.rate_per_ip, burst: self.burst_per_ip },
+            per_key: ferry_api::Rate { per_sec: self.rate_per_key, burst: self.burst_per_key },
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,7 +184,7 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
     );
     let state = ferry_api::AppState::new(
         ledger.clone(),
-        ferry_api::RegistryConfig { operator: operator.public() },
+        ferry_api::RegistryConfig { operator: operator.public(), limits: args.limits.limits() },
     );
     let served = ferry_api::serve(listener, state, shutdown_signal()).await;
     ledger.close().await;

@@ -1,6 +1,6 @@
 //! Signed requests: who is asking, checked before any handler runs.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -12,7 +12,7 @@ use ferry_proto::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::{ApiError, AppState, CLOCK_SKEW, MAX_BODY_BYTES};
+use crate::{ApiError, AppState, CLOCK_SKEW, limit};
 
 /// The header that names an operation for idempotent retries.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -97,7 +97,7 @@ impl FromRequest<AppState> for Signed {
                 ),
             ));
         }
-        let body = read_body(body).await?;
+        let body = read_body(body, state.config.limits.max_body_bytes).await?;
         let path_and_query = parts.uri.path_and_query().map_or(parts.uri.path(), |pq| pq.as_str());
         let signed = SignedRequest {
             method: parts.method.as_str(),
@@ -112,6 +112,12 @@ impl FromRequest<AppState> for Signed {
                 "the signature does not match the key and the request",
             )
         })?;
+        // Counted after the signature check, so that nobody can spend another
+        // key's budget with forged requests, and before the database is asked.
+        if let Err(retry_after) = state.limits.per_key.check(key, Instant::now()) {
+            state.metrics.rate_limited("key");
+            return Err(limit::rate_limited("key", retry_after));
+        }
         remember_nonce(state, &key, &nonce).await?;
         Ok(Signed { key, idempotency_key, body })
     }
@@ -143,13 +149,13 @@ fn parse_nonce(text: &str) -> Result<[u8; 16], ApiError> {
     Ok(nonce)
 }
 
-async fn read_body(body: axum::body::Body) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|error| {
+async fn read_body(body: axum::body::Body, max_body_bytes: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, max_body_bytes).await.map_err(|error| {
         if error.into_inner().is::<http_body_util::LengthLimitError>() {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
-                format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+                format!("the body is larger than {max_body_bytes} bytes"),
             )
         } else {
             ApiError::bad_request("unreadable_body", "the body could not be read")

@@ -131,5 +131,12 @@ pub async fn settle(
     let body: SettleBody = signed.json()?;
     let key = signed.idempotency_key()?;
     let outcomes = state.ledger.settle(&key, &signed.key, &body.vouchers).await?;
+    for outcome in &outcomes {
+        state.metrics.voucher(match outcome {
+            SettlementOutcome::Settled { .. } => "settled",
+            SettlementOutcome::AlreadySettled { .. } => "already_settled",
+            SettlementOutcome::Rejected { .. } => "rejected",
+        });
+    }
     Ok(Json(SettleAnswer { outcomes }))
 }

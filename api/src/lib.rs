@@ -8,40 +8,77 @@
 //! they act for (`docs/PROTOCOL.md`, "Signed API requests"); [`auth`] checks
 //! the signature, the timestamp and the nonce before a handler runs.
 
+/// SQL that is true for a live relay: one whose last heartbeat is at most 90
+/// seconds old (three missed heartbeats at the relay's 30-second interval).
+macro_rules! is_live {
+    () => {
+        "coalesce(last_heartbeat > now() - make_interval(secs => 90), false)"
+    };
+}
+
 mod accounts;
 pub mod auth;
 mod channels;
 mod error;
 mod health;
 mod home;
+mod limit;
+mod metrics;
 mod relays;
 mod reputation;
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::routing::{get, post, put};
+use axum::{Router, middleware};
 use ferry_ledger::Ledger;
 use ferry_proto::PublicKey;
 use tokio::net::TcpListener;
 
 pub use error::ApiError;
 
-/// The largest request body the API reads, in bytes (a full settlement batch
-/// of 10,000 vouchers in JSON is about 3 MiB).
-pub const MAX_BODY_BYTES: usize = 4 << 20;
 /// How far a signed request's timestamp may be from the registry's clock.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// How often remembered nonces older than the skew window are forgotten.
 const NONCE_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+pub use limit::{MAX_TRACKED_CLIENTS, Rate};
+
+/// The registry's bounds on what one request, address or key may cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest request body read, in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// The longest a request may take, body included; longer ones get 503.
+    pub request_timeout: Duration,
+    /// Requests per client IP address; more get 429.
+    pub per_ip: Rate,
+    /// Signed requests per key; more get 429.
+    pub per_key: Rate,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            // A full settlement batch of 10,000 vouchers in JSON is about 3 MiB.
+            max_body_bytes: 4 << 20,
+            request_timeout: Duration::from_secs(10),
+            per_ip: Rate { per_sec: 500, burst: 1000 },
+            per_key: Rate { per_sec: 100, burst: 200 },
+        }
+    }
+}
 
 /// The registry operator's settings.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
     /// The key that signs deposits: in a deployment, the payment gateway's.
     pub operator: PublicKey,
+    /// Bounds on requests.
+    pub limits: Limits,
 }
 
 /// What every handler shares.
@@ -49,12 +86,29 @@ pub struct RegistryConfig {
 pub struct AppState {
     ledger: Ledger,
     config: Arc<RegistryConfig>,
+    limits: Arc<Limiters>,
+    metrics: metrics::Metrics,
+}
+
+#[derive(Debug)]
+struct Limiters {
+    per_ip: limit::RateLimiter<IpAddr>,
+    per_key: limit::RateLimiter<PublicKey>,
 }
 
 impl AppState {
     /// The state of a registry serving `ledger`.
     pub fn new(ledger: Ledger, config: RegistryConfig) -> AppState {
-        AppState { ledger, config: Arc::new(config) }
+        let limits = Limiters {
+            per_ip: limit::RateLimiter::new(config.limits.per_ip),
+            per_key: limit::RateLimiter::new(config.limits.per_key),
+        };
+        AppState {
+            ledger,
+            config: Arc::new(config),
+            limits: Arc::new(limits),
+            metrics: metrics::Metrics::new(),
+        }
     }
 }
 
@@ -79,7 +133,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/relays/{key}", get(relays::detail))
         .route("/v1/relays/{key}/advert", put(relays::publish))
         .route("/v1/relays/{key}/heartbeats", post(relays::heartbeat))
+        .route("/metrics", get(metrics::render))
         .fallback(error::not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), limit::limit_requests))
+        .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .with_state(state)
 }
 
@@ -91,7 +148,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let pruner = tokio::spawn(prune_nonces(state.clone()));
-    let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     pruner.abort();
     served
 }

@@ -16,13 +16,6 @@ use crate::accounts::path_key;
 use crate::auth::Signed;
 use crate::{ApiError, AppState, CLOCK_SKEW, reputation};
 
-/// SQL that is true for a live relay: one whose last heartbeat is at most 90
-/// seconds old (three missed heartbeats at the relay's 30-second interval).
-macro_rules! is_live {
-    () => {
-        "coalesce(last_heartbeat > now() - make_interval(secs => 90), false)"
-    };
-}
 /// The most relays one listing page holds.
 pub const MAX_RELAY_PAGE: u32 = 500;
 /// The listing page size when the client names none.

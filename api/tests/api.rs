@@ -383,7 +383,7 @@ async fn an_oversized_body_is_refused() {
     let registry = Registry::start().await;
     let client = key(1);
     let mut call = Call::new("POST", "/v1/settlements", None).idempotent("big");
-    call.body = vec![b' '; ferry_api::MAX_BODY_BYTES + 1];
+    call.body = vec![b' '; ferry_api::Limits::default().max_body_bytes + 1];
     let (status, body) = call.send(&registry.base, &client).await;
     assert_eq!(
         (status, body["code"].as_str()),

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_api::{AppState, RegistryConfig};
+use ferry_api::{AppState, Limits, RegistryConfig};
 use ferry_ledger::{Ledger, LedgerConfig};
 use ferry_proto::{
     KEY_HEADER, NONCE_HEADER, SIGNATURE_HEADER, SecretKey, SignedRequest, TIMESTAMP_HEADER,
@@ -38,11 +38,22 @@ impl Registry {
         Registry::start_on(options).await
     }
 
+    /// A registry over a fresh database, with these limits.
+    pub async fn start_with(limits: Limits) -> Registry {
+        let options = ferry_ledger::testing::fresh_database().await.unwrap();
+        Registry::start_on_with(options, limits).await
+    }
+
     /// A registry over the database at `options` (a second instance shares it).
     pub async fn start_on(options: sqlx::postgres::PgConnectOptions) -> Registry {
+        Registry::start_on_with(options, Limits::default()).await
+    }
+
+    async fn start_on_with(options: sqlx::postgres::PgConnectOptions, limits: Limits) -> Registry {
         let config = LedgerConfig { dispute_window: Duration::ZERO, ..LedgerConfig::default() };
         let ledger = Ledger::connect(options, config).await.unwrap();
-        let state = AppState::new(ledger.clone(), RegistryConfig { operator: operator().public() });
+        let state =
+            AppState::new(ledger.clone(), RegistryConfig { operator: operator().public(), limits });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
