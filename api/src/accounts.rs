@@ -8,13 +8,15 @@ use ferry_proto::{Amount, PublicKey};
 use serde::Deserialize;
 
 use crate::auth::Signed;
+use crate::error::ErrorBody;
+use crate::openapi::SignedErrors;
 use crate::{ApiError, AppState};
 
 /// The statement page size when the client names none.
 const DEFAULT_STATEMENT_PAGE: u32 = 100;
 
 /// The body of a deposit or a withdrawal.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AmountBody {
     /// How much.
@@ -22,7 +24,8 @@ pub struct AmountBody {
 }
 
 /// Which page of a statement.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StatementQuery {
     /// Only transfers older than this transfer id (the previous page's
@@ -38,6 +41,17 @@ pub(crate) fn path_key(text: &str) -> Result<PublicKey, ApiError> {
 }
 
 /// `GET /v1/accounts/{key}`: the key's money at a glance.
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{key}",
+    tag = "accounts",
+    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    responses(
+        (status = 200, description = "Available, in escrow and earned", body = BalanceSummary),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn balance(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -49,6 +63,17 @@ pub async fn balance(
 }
 
 /// `GET /v1/accounts/{key}/statement`: a page of transfers, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{key}/statement",
+    tag = "accounts",
+    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits"), StatementQuery),
+    responses(
+        (status = 200, description = "A page of transfers, newest first", body = Statement),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn statement(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -65,6 +90,20 @@ pub async fn statement(
 
 /// `POST /v1/accounts/{key}/deposits`: money from outside, signed by the
 /// registry operator.
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{key}/deposits",
+    tag = "accounts",
+    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    request_body = AmountBody,
+    responses(
+        (status = 200, description = "Deposited", body = TransferReceipt),
+        (status = 409, description = "idempotency_conflict", body = ErrorBody),
+        (status = 422, description = "zero_amount", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn deposit(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -77,6 +116,20 @@ pub async fn deposit(
 }
 
 /// `POST /v1/accounts/{key}/withdrawals`: money out, signed by the owner.
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{key}/withdrawals",
+    tag = "accounts",
+    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    request_body = AmountBody,
+    responses(
+        (status = 200, description = "Withdrawn", body = TransferReceipt),
+        (status = 409, description = "idempotency_conflict", body = ErrorBody),
+        (status = 422, description = "zero_amount, insufficient_balance", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn withdraw(
     State(state): State<AppState>,
     Path(key): Path<String>,

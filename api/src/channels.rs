@@ -9,10 +9,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::accounts::AmountBody;
 use crate::auth::Signed;
+use crate::error::ErrorBody;
+use crate::openapi::SignedErrors;
 use crate::{ApiError, AppState};
 
 /// The body of a channel open; the client is the signer.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenBody {
     /// The relay to pay.
@@ -24,7 +26,7 @@ pub struct OpenBody {
 }
 
 /// The body of a relay's close.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RelayCloseBody {
     /// The newest voucher, settled before the rest is refunded.
@@ -32,7 +34,7 @@ pub struct RelayCloseBody {
 }
 
 /// The body of a settlement: a batch of vouchers, signed by the relay.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettleBody {
     /// The vouchers, at most 10,000.
@@ -40,7 +42,7 @@ pub struct SettleBody {
 }
 
 /// The answer to a settlement: one outcome per voucher, in order.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SettleAnswer {
     /// What each voucher did.
     pub outcomes: Vec<SettlementOutcome>,
@@ -51,6 +53,20 @@ fn path_channel(text: &str) -> Result<ChannelId, ApiError> {
 }
 
 /// `POST /v1/channels`: open a channel from the signer to a relay.
+#[utoipa::path(
+    post,
+    path = "/v1/channels",
+    tag = "channels",
+    params(("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    request_body = OpenBody,
+    responses(
+        (status = 201, description = "The channel, opened", body = ChannelInfo),
+        (status = 409, description = "channel_exists, idempotency_conflict", body = ErrorBody),
+        (status = 422, description = "zero_amount, insufficient_balance, same_key", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn open(
     State(state): State<AppState>,
     signed: Signed,
@@ -63,6 +79,18 @@ pub async fn open(
 }
 
 /// `GET /v1/channels/{id}`: a channel, for its client and its relay.
+#[utoipa::path(
+    get,
+    path = "/v1/channels/{id}",
+    tag = "channels",
+    params(("id" = String, Path, description = "A channel id, 64 lowercase hex digits")),
+    responses(
+        (status = 200, description = "The channel", body = ChannelInfo),
+        (status = 404, description = "unknown_channel", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn read(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -76,6 +104,21 @@ pub async fn read(
 }
 
 /// `POST /v1/channels/{id}/top-ups`: more escrow, from the client.
+#[utoipa::path(
+    post,
+    path = "/v1/channels/{id}/top-ups",
+    tag = "channels",
+    params(("id" = String, Path, description = "A channel id, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    request_body = AmountBody,
+    responses(
+        (status = 200, description = "The channel, with more escrow", body = ChannelInfo),
+        (status = 404, description = "unknown_channel", body = ErrorBody),
+        (status = 409, description = "wrong_state, idempotency_conflict", body = ErrorBody),
+        (status = 422, description = "zero_amount, insufficient_balance", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn top_up(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -87,6 +130,19 @@ pub async fn top_up(
 }
 
 /// `POST /v1/channels/{id}/close-request`: the client asks to close.
+#[utoipa::path(
+    post,
+    path = "/v1/channels/{id}/close-request",
+    tag = "channels",
+    params(("id" = String, Path, description = "A channel id, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    responses(
+        (status = 200, description = "The channel, closing", body = ChannelInfo),
+        (status = 404, description = "unknown_channel", body = ErrorBody),
+        (status = 409, description = "wrong_state, idempotency_conflict", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn request_close(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -98,6 +154,19 @@ pub async fn request_close(
 
 /// `POST /v1/channels/{id}/finalize`: anyone closes a channel whose dispute
 /// window has passed; the rest goes to the client.
+#[utoipa::path(
+    post,
+    path = "/v1/channels/{id}/finalize",
+    tag = "channels",
+    params(("id" = String, Path, description = "A channel id, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    responses(
+        (status = 200, description = "The channel, closed", body = ChannelInfo),
+        (status = 404, description = "unknown_channel", body = ErrorBody),
+        (status = 409, description = "wrong_state, dispute_window_open, idempotency_conflict", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn finalize(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -108,6 +177,21 @@ pub async fn finalize(
 }
 
 /// `POST /v1/channels/{id}/relay-close`: the relay closes at once.
+#[utoipa::path(
+    post,
+    path = "/v1/channels/{id}/relay-close",
+    tag = "channels",
+    params(("id" = String, Path, description = "A channel id, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    request_body = RelayCloseBody,
+    responses(
+        (status = 200, description = "The channel, closed", body = ChannelInfo),
+        (status = 404, description = "unknown_channel", body = ErrorBody),
+        (status = 409, description = "wrong_state, idempotency_conflict", body = ErrorBody),
+        (status = 422, description = "voucher_rejected", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn relay_close(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -124,6 +208,19 @@ pub async fn relay_close(
 }
 
 /// `POST /v1/settlements`: the signing relay settles a batch of vouchers.
+#[utoipa::path(
+    post,
+    path = "/v1/settlements",
+    tag = "channels",
+    params(("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    request_body = SettleBody,
+    responses(
+        (status = 200, description = "One outcome per voucher, in order", body = SettleAnswer),
+        (status = 409, description = "idempotency_conflict", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn settle(
     State(state): State<AppState>,
     signed: Signed,

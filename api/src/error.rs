@@ -20,9 +20,12 @@ pub struct ApiError {
     pub retry_after: Option<std::time::Duration>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// The body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody<'a> {
+    /// A stable machine-readable code, such as `insufficient_balance`.
     code: &'a str,
+    /// What happened, for people.
     message: &'a str,
 }
 
@@ -57,7 +60,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body { code: self.code, message: &self.message };
+        let body = ErrorBody { code: self.code, message: &self.message };
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(wait) = self.retry_after {
             let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);

@@ -9,11 +9,13 @@ use serde::Serialize;
 
 use crate::accounts::path_key;
 use crate::auth::Signed;
+use crate::error::ErrorBody;
+use crate::openapi::{PublicErrors, SignedErrors};
 use crate::relays::{self, RelayView};
 use crate::{ApiError, AppState};
 
 /// A client's home relays, as a peer needs them to dial it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct HomeView {
     /// The client's own signed list; peers can verify it.
     pub home: SignedHomeRelays,
@@ -24,6 +26,20 @@ pub struct HomeView {
 
 /// `PUT /v1/clients/{key}/home-relays`: publish or replace the client's
 /// signed list; a newer one replaces an older one, never the reverse.
+#[utoipa::path(
+    put,
+    path = "/v1/clients/{key}/home-relays",
+    tag = "clients",
+    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    request_body = SignedHomeRelays,
+    responses(
+        (status = 200, description = "The published list", body = HomeView),
+        (status = 409, description = "stale_home_relays: a newer list is stored", body = ErrorBody),
+        (status = 422, description = "invalid_home_relays, unknown_home_relay, issued_in_future", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn publish(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -78,6 +94,17 @@ pub async fn publish(
 
 /// `GET /v1/clients/{key}/home-relays`: where the client can be reached.
 /// Public: a peer needs it to dial the client.
+#[utoipa::path(
+    get,
+    path = "/v1/clients/{key}/home-relays",
+    tag = "clients",
+    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    responses(
+        (status = 200, description = "Where the client can be reached", body = HomeView),
+        (status = 404, description = "unknown_client", body = ErrorBody),
+        PublicErrors,
+    ),
+)]
 pub async fn read(
     State(state): State<AppState>,
     Path(key): Path<String>,

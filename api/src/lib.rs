@@ -24,6 +24,7 @@ mod health;
 mod home;
 mod limit;
 mod metrics;
+mod openapi;
 mod relays;
 mod reputation;
 
@@ -32,11 +33,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::{get, post, put};
 use axum::{Router, middleware};
 use ferry_ledger::Ledger;
 use ferry_proto::PublicKey;
 use tokio::net::TcpListener;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
 
 pub use error::ApiError;
 
@@ -114,26 +118,29 @@ impl AppState {
 
 /// The API's routes.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/v1/accounts/{key}", get(accounts::balance))
-        .route("/v1/accounts/{key}/statement", get(accounts::statement))
-        .route("/v1/accounts/{key}/deposits", post(accounts::deposit))
-        .route("/v1/accounts/{key}/withdrawals", post(accounts::withdraw))
-        .route("/v1/channels", post(channels::open))
-        .route("/v1/channels/{id}", get(channels::read))
-        .route("/v1/channels/{id}/top-ups", post(channels::top_up))
-        .route("/v1/channels/{id}/close-request", post(channels::request_close))
-        .route("/v1/channels/{id}/finalize", post(channels::finalize))
-        .route("/v1/channels/{id}/relay-close", post(channels::relay_close))
-        .route("/v1/settlements", post(channels::settle))
-        .route("/v1/clients/{key}/home-relays", put(home::publish).get(home::read))
-        .route("/v1/relays", get(relays::list))
-        .route("/v1/relays/{key}", get(relays::detail))
-        .route("/v1/relays/{key}/advert", put(relays::publish))
-        .route("/v1/relays/{key}/heartbeats", post(relays::heartbeat))
-        .route("/metrics", get(metrics::render))
+    let (routes, api) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics::render))
+        .routes(routes!(accounts::balance))
+        .routes(routes!(accounts::statement))
+        .routes(routes!(accounts::deposit))
+        .routes(routes!(accounts::withdraw))
+        .routes(routes!(channels::open))
+        .routes(routes!(channels::read))
+        .routes(routes!(channels::top_up))
+        .routes(routes!(channels::request_close))
+        .routes(routes!(channels::finalize))
+        .routes(routes!(channels::relay_close))
+        .routes(routes!(channels::settle))
+        .routes(routes!(home::publish, home::read))
+        .routes(routes!(relays::list))
+        .routes(routes!(relays::detail))
+        .routes(routes!(relays::publish))
+        .routes(routes!(relays::heartbeat))
+        .split_for_parts();
+    routes
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
         .fallback(error::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), limit::limit_requests))
         .layer(middleware::from_fn_with_state(state.clone(), metrics::track))

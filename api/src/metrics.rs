@@ -144,6 +144,15 @@ pub(crate) async fn track(State(state): State<AppState>, request: Request, next:
 }
 
 /// `GET /metrics`: Prometheus text.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"),
+        (status = 503, description = "unavailable", body = crate::error::ErrorBody),
+    ),
+)]
 pub(crate) async fn render(State(state): State<AppState>) -> Result<Response, ApiError> {
     let pool = state.ledger.pool();
     let (registered, live): (i64, i64) = sqlx::query_as(concat!(

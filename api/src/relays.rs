@@ -14,6 +14,8 @@ use sqlx::postgres::PgRow;
 
 use crate::accounts::path_key;
 use crate::auth::Signed;
+use crate::error::ErrorBody;
+use crate::openapi::{PublicErrors, SignedErrors};
 use crate::{ApiError, AppState, CLOCK_SKEW, reputation};
 
 /// The most relays one listing page holds.
@@ -37,7 +39,7 @@ macro_rules! select_relays {
 }
 
 /// A relay's load, reported by the relay.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatBody {
     /// Bytes per second it carries now.
@@ -47,7 +49,7 @@ pub struct HeartbeatBody {
 }
 
 /// How the registry judges a relay: the score and every component of it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ReputationView {
     /// The score, in [0, 1] (docs/REPUTATION.md).
     pub score: f64,
@@ -66,7 +68,7 @@ pub struct ReputationView {
 }
 
 /// A relay as the market sees it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RelayView {
     /// The relay's own signed advertisement; clients can verify it.
     pub advert: SignedAdvert,
@@ -87,7 +89,7 @@ pub struct RelayView {
 }
 
 /// A page of relays.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RelayPage {
     /// The relays, in the requested order.
     pub relays: Vec<RelayView>,
@@ -96,7 +98,7 @@ pub struct RelayPage {
 }
 
 /// One hour of a relay's uptime history.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UptimeHour {
     /// The hour.
     pub hour: DateTime<Utc>,
@@ -105,7 +107,7 @@ pub struct UptimeHour {
 }
 
 /// A relay with its recent history.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RelayDetail {
     /// The relay.
     #[serde(flatten)]
@@ -115,7 +117,7 @@ pub struct RelayDetail {
 }
 
 /// The order of a listing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SortBy {
     /// Cheapest first.
@@ -128,7 +130,8 @@ pub enum SortBy {
 }
 
 /// A listing's filters, order and page.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only relays at most this dear per byte.
@@ -173,6 +176,20 @@ pub(crate) fn issued_at_ms(issued_at_ms: u64) -> Result<i64, ApiError> {
 
 /// `PUT /v1/relays/{key}/advert`: publish or replace the relay's signed
 /// advertisement; a newer one replaces an older one, never the reverse.
+#[utoipa::path(
+    put,
+    path = "/v1/relays/{key}/advert",
+    tag = "relays",
+    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    request_body = SignedAdvert,
+    responses(
+        (status = 200, description = "The relay as listed", body = RelayView),
+        (status = 409, description = "stale_advert: a newer advertisement is stored", body = ErrorBody),
+        (status = 422, description = "invalid_advert, issued_in_future", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn publish(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -222,6 +239,19 @@ pub async fn publish(
 }
 
 /// `POST /v1/relays/{key}/heartbeats`: the relay is up and reports its load.
+#[utoipa::path(
+    post,
+    path = "/v1/relays/{key}/heartbeats",
+    tag = "relays",
+    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    request_body = HeartbeatBody,
+    responses(
+        (status = 200, description = "The relay as listed", body = RelayView),
+        (status = 404, description = "unknown_relay", body = ErrorBody),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
 pub async fn heartbeat(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -258,6 +288,16 @@ pub async fn heartbeat(
 }
 
 /// `GET /v1/relays`: relays, filtered, sorted and paged. Public.
+#[utoipa::path(
+    get,
+    path = "/v1/relays",
+    tag = "relays",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of relays", body = RelayPage),
+        PublicErrors,
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -339,6 +379,17 @@ pub async fn list(
 
 /// `GET /v1/relays/{key}`: one relay, every reputation component, and its
 /// uptime over the last 24 hours. Public.
+#[utoipa::path(
+    get,
+    path = "/v1/relays/{key}",
+    tag = "relays",
+    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    responses(
+        (status = 200, description = "The relay, its reputation components and uptime history", body = RelayDetail),
+        (status = 404, description = "unknown_relay", body = ErrorBody),
+        PublicErrors,
+    ),
+)]
 pub async fn detail(
     State(state): State<AppState>,
     Path(key): Path<String>,

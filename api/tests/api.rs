@@ -50,6 +50,87 @@ async fn health_and_readiness_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_every_route_the_registry_serves() {
+    let registry = Registry::start().await;
+    let client = reqwest::Client::new();
+    let doc: Value = client
+        .get(format!("{}/openapi.json", registry.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    let mut operations = 0;
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            operations += 1;
+            let responses = operation["responses"].as_object().unwrap();
+            assert!(
+                responses.keys().any(|status| status.starts_with('2')),
+                "{method} {path} documents no success"
+            );
+            if path.starts_with("/v1/") {
+                assert!(
+                    responses.contains_key("400") && responses.contains_key("429"),
+                    "{method} {path}"
+                );
+            }
+            // Every documented route is served: with placeholder parameters
+            // it may be refused, but never as an unknown path.
+            let concrete = path
+                .replace("{key}", &key(1).public().to_string())
+                .replace("{id}", &"ab".repeat(32));
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let response = client
+                .request(method.clone(), format!("{}{concrete}", registry.base))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body = response.text().await.unwrap();
+            assert!(
+                !body.contains("\"not_found\""),
+                "{method} {path} is documented but not served: {status} {body}"
+            );
+        }
+    }
+    assert_eq!(operations, 20, "every endpoint is documented");
+    for schema in
+        ["SignedAdvert", "SignedHomeRelays", "ChannelInfo", "SettlementOutcome", "ErrorBody"]
+    {
+        assert!(doc["components"]["schemas"][schema].is_object(), "{schema} has no schema");
+    }
+    assert_eq!(doc["components"]["schemas"]["PublicKey"]["pattern"], "^[0-9a-f]{64}$");
+    fn refs<'a>(value: &'a Value, found: &mut Vec<&'a str>) {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(target)) = map.get("$ref") {
+                    found.push(target);
+                }
+                map.values().for_each(|v| refs(v, found));
+            }
+            Value::Array(items) => items.iter().for_each(|v| refs(v, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    refs(&doc, &mut found);
+    for target in found {
+        let name = target.trim_start_matches("#/components/schemas/");
+        assert!(doc["components"]["schemas"][name].is_object(), "{target} does not resolve");
+    }
+    let list = &doc["paths"]["/v1/relays"]["get"]["parameters"];
+    assert!(list.as_array().unwrap().iter().all(|p| p["in"] == "query"), "{list}");
+    let ui = client.get(format!("{}/docs/", registry.base)).send().await.unwrap();
+    assert_eq!(ui.status(), StatusCode::OK);
+    assert!(ui.text().await.unwrap().contains("swagger"), "the browsable UI is served");
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_lives_through_the_api() {
     let registry = Registry::start().await;
     let (client, relay) = (key(1), key(2));

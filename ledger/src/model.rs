@@ -93,6 +93,7 @@ macro_rules! named_enum {
 
 /// Where a channel is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ChannelState {
     /// Vouchers can be settled and the client can top up.
@@ -108,6 +109,7 @@ named_enum!(ChannelState { Open => "open", Closing => "closing", Closed => "clos
 
 /// Why money moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TransferKind {
     /// From the outside world into a holder's account.
@@ -156,6 +158,7 @@ named_enum!(AccountKind {
 
 /// Names one account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AccountRef {
     /// The outside world.
@@ -187,6 +190,7 @@ impl fmt::Display for AccountRef {
 
 /// A payment channel as the ledger sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChannelInfo {
     /// The channel id.
     pub id: ChannelId,
@@ -220,6 +224,7 @@ pub struct ChannelInfo {
 
 /// What one voucher of a settlement batch did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum SettlementOutcome {
     /// The voucher was newer than any settled: the relay was paid the
@@ -264,6 +269,7 @@ impl SettlementOutcome {
 
 /// Why a voucher was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Rejection {
     /// No channel has this id.
@@ -314,6 +320,7 @@ pub enum Rejection {
 
 /// The result of a deposit or withdrawal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TransferReceipt {
     /// The ledger's record of the request (its operation).
     pub operation_id: i64,
@@ -323,6 +330,7 @@ pub struct TransferReceipt {
 
 /// One line of a statement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatementEntry {
     /// The transfer.
     pub transfer_id: i64,
@@ -340,6 +348,7 @@ pub struct StatementEntry {
 
 /// A page of an account's transfers, newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Statement {
     /// Whose statement.
     pub account: AccountRef,
@@ -353,6 +362,7 @@ pub struct Statement {
 
 /// A key's money at a glance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BalanceSummary {
     /// Free to spend or withdraw (never negative).
     pub available: Balance,

@@ -32,6 +32,7 @@ pub enum AdvertError {
 
 /// What a relay offers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RelayAdvert {
     /// The relay's key.
@@ -94,6 +95,7 @@ impl RelayAdvert {
 
 /// An advertisement with its relay's signature.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SignedAdvert {
     /// The offer.
     pub advert: RelayAdvert,

@@ -139,7 +139,11 @@ impl fmt::Display for Amount {
     }
 }
 
-serde_via_str!(Amount, "a decimal amount as a string, such as \"12.5\"");
+serde_via_str!(
+    Amount,
+    "a decimal amount as a string, such as \"12.5\" (at most 18 decimals)",
+    r"^[0-9]+(\.[0-9]+)?$"
+);
 
 /// An account balance: like an [`Amount`] but signed and unbounded by
 /// [`MAX_AMOUNT`], because the ledger's outside-world account goes below zero
@@ -205,7 +209,11 @@ impl fmt::Display for Balance {
     }
 }
 
-serde_via_str!(Balance, "a signed decimal balance as a string, such as \"-12.5\"");
+serde_via_str!(
+    Balance,
+    "a signed decimal balance as a string, such as \"-12.5\"",
+    r"^-?[0-9]+(\.[0-9]+)?$"
+);
 
 /// A non-negative price for one byte carried, with at most [`AMOUNT_SCALE`]
 /// decimals and at most one unit per byte.
@@ -268,7 +276,11 @@ impl fmt::Display for PricePerByte {
     }
 }
 
-serde_via_str!(PricePerByte, "a decimal price per byte as a string, such as \"0.00000000005\"");
+serde_via_str!(
+    PricePerByte,
+    "a decimal price per byte as a string, such as \"0.00000000005\" (at most 1)",
+    r"^[0-9]+(\.[0-9]+)?$"
+);
 
 /// The exact cost of carrying `bytes` at `price`: `bytes × price`.
 pub fn cost(bytes: u64, price: PricePerByte) -> Result<Amount, AmountError> {

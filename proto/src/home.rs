@@ -29,6 +29,7 @@ pub enum HomeRelaysError {
 
 /// Where a client can be reached.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HomeRelays {
     /// The client's key.
@@ -86,6 +87,7 @@ impl HomeRelays {
 
 /// A home relay list with its client's signature.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SignedHomeRelays {
     /// The list.

@@ -92,7 +92,7 @@ impl FromStr for PublicKey {
     }
 }
 
-serde_via_str!(PublicKey, "an ed25519 public key as 64 lowercase hex digits");
+serde_via_str!(PublicKey, "an ed25519 public key as 64 lowercase hex digits", "^[0-9a-f]{64}$");
 
 /// An ed25519 signature (64 bytes); whether it is valid is only known against
 /// a key and a message.
@@ -133,7 +133,7 @@ impl FromStr for Signature {
     }
 }
 
-serde_via_str!(Signature, "an ed25519 signature as 128 lowercase hex digits");
+serde_via_str!(Signature, "an ed25519 signature as 128 lowercase hex digits", "^[0-9a-f]{128}$");
 
 /// An ed25519 secret key. It never prints its secret; `Debug` shows the public
 /// key only.

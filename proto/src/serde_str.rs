@@ -1,9 +1,24 @@
 //! Serde through the one text form (`Display` and `FromStr`) of a type.
 
 /// Implements `Serialize` and `Deserialize` for a type through its `Display`
-/// and `FromStr`, so JSON carries exactly the text form people see.
+/// and `FromStr`, so JSON carries exactly the text form people see, and (with
+/// the `openapi` feature) its OpenAPI schema: a string matching `$pattern`.
 macro_rules! serde_via_str {
-    ($ty:ty, $expecting:literal) => {
+    ($ty:ty, $expecting:literal, $pattern:literal) => {
+        #[cfg(feature = "openapi")]
+        impl utoipa::PartialSchema for $ty {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .description(Some($expecting))
+                    .pattern(Some($pattern))
+                    .into()
+            }
+        }
+
+        #[cfg(feature = "openapi")]
+        impl utoipa::ToSchema for $ty {}
+
         impl serde::Serialize for $ty {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                 serializer.collect_str(self)

@@ -82,7 +82,7 @@ impl FromStr for ChannelId {
     }
 }
 
-serde_via_str!(ChannelId, "a channel id as 64 lowercase hex digits");
+serde_via_str!(ChannelId, "a channel id as 64 lowercase hex digits", "^[0-9a-f]{64}$");
 
 /// A client's promise that it owes the channel's relay `cumulative` in total.
 ///
@@ -90,6 +90,7 @@ serde_via_str!(ChannelId, "a channel id as 64 lowercase hex digits");
 /// one with the highest `sequence` and settles it, and a lost or repeated
 /// voucher can never make a client pay twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Voucher {
     /// The channel this voucher pays on.
     pub channel: ChannelId,
@@ -128,6 +129,7 @@ impl Voucher {
 /// A voucher with its client's signature. Holding one proves nothing until
 /// [`SignedVoucher::verify`] succeeds against the channel's client key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SignedVoucher {
     /// What is promised.
     #[serde(flatten)]
