@@ -60,7 +60,7 @@ pub async fn publish(
     let issued_at_ms = relays::issued_at_ms(home.home.issued_at_ms)?;
     let registered = relays::load_many(&state, &home.home.relays).await?;
     if let Some(missing) =
-        home.home.relays.iter().find(|r| !registered.iter().any(|v| v.advert.advert.relay == **r))
+        home.home.relays.iter().find(|r| !registered.iter().any(|v| v.key_bytes == *r.as_bytes()))
     {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

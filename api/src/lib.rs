@@ -23,6 +23,7 @@ mod error;
 mod health;
 mod home;
 mod limit;
+mod market;
 mod metrics;
 mod openapi;
 mod relays;
@@ -50,6 +51,7 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
 const NONCE_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 pub use limit::{MAX_TRACKED_CLIENTS, Rate};
+pub use market::SNAPSHOT_MAX_AGE;
 
 /// The registry's bounds on what one request, address or key may cost.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +94,7 @@ pub struct AppState {
     config: Arc<RegistryConfig>,
     limits: Arc<Limiters>,
     metrics: metrics::Metrics,
+    market: Arc<market::Market>,
 }
 
 #[derive(Debug)]
@@ -112,6 +115,7 @@ impl AppState {
             config: Arc::new(config),
             limits: Arc::new(limits),
             metrics: metrics::Metrics::new(),
+            market: Arc::default(),
         }
     }
 }

@@ -1,20 +1,26 @@
 //! The relay market: advertisements, heartbeats, listings and details.
 
+use std::cmp::Ordering;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use ferry_proto::{Amount, Balance, PricePerByte, PublicKey, SignedAdvert};
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
+use serde_json::value::RawValue;
 use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
 
 use crate::accounts::path_key;
 use crate::auth::Signed;
 use crate::error::ErrorBody;
+use crate::market::Entry;
 use crate::openapi::{PublicErrors, SignedErrors};
 use crate::{ApiError, AppState, CLOCK_SKEW, reputation};
 
@@ -27,7 +33,7 @@ const DEFAULT_RELAY_PAGE: u32 = 50;
 macro_rules! select_relays {
     ($($rest:expr),+) => {
         concat!(
-            "SELECT key_bytes, advert, first_seen, last_heartbeat, load_bytes_per_sec, sessions, ",
+            "SELECT key_bytes, advert::text AS advert_text, issued_at_ms, region, first_seen, last_heartbeat, load_bytes_per_sec, sessions, ",
             "uptime_24h, paid_volume_30d::text AS paid_volume_30d, paying_clients_30d, ",
             "settled_vouchers_30d, rejected_vouchers_30d, reputation, value_score, ",
             "price_per_byte::text AS price_text, ",
@@ -70,8 +76,11 @@ pub struct ReputationView {
 /// A relay as the market sees it.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RelayView {
-    /// The relay's own signed advertisement; clients can verify it.
-    pub advert: SignedAdvert,
+    /// The relay's own signed advertisement, exactly as it signed it; clients
+    /// can verify it. (Kept as stored text: listing thousands of relays never
+    /// re-parses their keys.)
+    #[schema(value_type = SignedAdvert)]
+    pub advert: Box<RawValue>,
     /// The advertised price per GiB, for people.
     pub price_per_gib: Amount,
     /// Whether it sent a heartbeat in the last 90 seconds.
@@ -86,6 +95,18 @@ pub struct RelayView {
     pub reputation: ReputationView,
     /// Reputation discounted by price (docs/REPUTATION.md), in [0, 1].
     pub value_score: f64,
+    /// The relay's key, as stored (validated when the advertisement came).
+    #[serde(skip)]
+    pub(crate) key_bytes: [u8; 32],
+    /// The advertised price per byte.
+    #[serde(skip)]
+    pub(crate) price_per_byte: PricePerByte,
+    /// The advertised region.
+    #[serde(skip)]
+    pub(crate) region: String,
+    /// When the advertisement was made.
+    #[serde(skip)]
+    pub(crate) issued_at_ms: u64,
 }
 
 /// A page of relays.
@@ -235,7 +256,7 @@ pub async fn publish(
         ));
     }
     reputation::recompute(state.ledger.pool(), &key).await?;
-    Ok(Json(load(&state, &key).await?))
+    Ok(Json(load_and_list(&state, &key).await?))
 }
 
 /// `POST /v1/relays/{key}/heartbeats`: the relay is up and reports its load.
@@ -284,10 +305,11 @@ pub async fn heartbeat(
         return Err(unknown_relay());
     }
     reputation::recompute(state.ledger.pool(), &key).await?;
-    Ok(Json(load(&state, &key).await?))
+    Ok(Json(load_and_list(&state, &key).await?))
 }
 
-/// `GET /v1/relays`: relays, filtered, sorted and paged. Public.
+/// `GET /v1/relays`: relays, filtered, sorted and paged, from the market
+/// snapshot (see [`crate::market`]). Public.
 #[utoipa::path(
     get,
     path = "/v1/relays",
@@ -301,7 +323,7 @@ pub async fn heartbeat(
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<RelayPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) =
         query.map_err(|error| ApiError::bad_request("invalid_query", error.body_text()))?;
     let limit = query.limit.unwrap_or(DEFAULT_RELAY_PAGE);
@@ -315,66 +337,40 @@ pub async fn list(
         return Err(ApiError::bad_request("invalid_query", "min_reputation must be from 0 to 1"));
     }
     let cursor = query.cursor.as_deref().map(|text| Cursor::parse(text, query.sort)).transpose()?;
-    let sql = match query.sort {
-        SortBy::Price => select_relays!(
-            "WHERE ($1::numeric IS NULL OR price_per_byte <= $1::numeric) \
-               AND ($2::float8 IS NULL OR reputation >= $2) AND ($3::text IS NULL OR region = $3) \
-               AND (NOT $4 OR ",
-            is_live!(),
-            ") \
-               AND ($5::text IS NULL OR (price_per_byte, key_bytes) > ($5::numeric, $6)) \
-             ORDER BY price_per_byte, key_bytes LIMIT $7"
-        ),
-        SortBy::Reputation => select_relays!(
-            "WHERE ($1::numeric IS NULL OR price_per_byte <= $1::numeric) \
-               AND ($2::float8 IS NULL OR reputation >= $2) AND ($3::text IS NULL OR region = $3) \
-               AND (NOT $4 OR ",
-            is_live!(),
-            ") \
-               AND ($5::text IS NULL OR (reputation, key_bytes) < ($5::float8, $6)) \
-             ORDER BY reputation DESC, key_bytes DESC LIMIT $7"
-        ),
-        SortBy::Value => select_relays!(
-            "WHERE ($1::numeric IS NULL OR price_per_byte <= $1::numeric) \
-               AND ($2::float8 IS NULL OR reputation >= $2) AND ($3::text IS NULL OR region = $3) \
-               AND (NOT $4 OR ",
-            is_live!(),
-            ") \
-               AND ($5::text IS NULL OR (value_score, key_bytes) < ($5::float8, $6)) \
-             ORDER BY value_score DESC, key_bytes DESC LIMIT $7"
-        ),
-    };
-    let rows = sqlx::query(sql)
-        .bind(query.max_price.map(|p| p.to_string()))
-        .bind(query.min_reputation)
-        .bind(query.region.as_deref())
-        .bind(query.live.unwrap_or(true))
-        .bind(cursor.as_ref().map(|c| c.value.clone()))
-        .bind(cursor.as_ref().map(|c| c.key.as_bytes().to_vec()))
-        .bind(i64::from(limit))
-        .fetch_all(state.ledger.pool())
-        .await?;
-    let mut relays = Vec::with_capacity(rows.len());
-    let mut last_sort_value = None;
-    for row in &rows {
-        last_sort_value = Some(match query.sort {
-            SortBy::Price => row.try_get::<String, _>("price_text")?,
-            SortBy::Reputation => {
-                format!("{:?}", row.try_get::<f64, _>("reputation")?)
-            }
-            SortBy::Value => {
-                format!("{:?}", row.try_get::<f64, _>("value_score")?)
-            }
-        });
-        relays.push(view(row)?);
-    }
-    let next_cursor = match (relays.last(), last_sort_value) {
-        (Some(last), Some(value)) if relays.len() == limit as usize => {
-            Some(Cursor { value, key: last.advert.advert.relay }.encode(query.sort))
-        }
+    let snapshot = state.market.snapshot(state.ledger.pool()).await?;
+    let ordered = snapshot.ordered(query.sort);
+    let start = cursor.map_or(0, |cursor| {
+        ordered.partition_point(|entry| entry.order(&cursor, query.sort) != Ordering::Greater)
+    });
+    let live_only = query.live.unwrap_or(true);
+    let page: Vec<&Arc<Entry>> = ordered[start..]
+        .iter()
+        .filter(|e| query.max_price.is_none_or(|max| e.price <= max))
+        .filter(|e| query.min_reputation.is_none_or(|min| e.reputation >= min))
+        .filter(|e| query.region.as_deref().is_none_or(|region| e.region == region))
+        .filter(|e| !live_only || e.live)
+        .take(limit as usize)
+        .collect();
+    let next_cursor = match page.last() {
+        Some(last) if page.len() == limit as usize => Some(Cursor::encode(last, query.sort)),
         _ => None,
     };
-    Ok(Json(RelayPage { relays, next_cursor }))
+    // The page is assembled from the relays' pre-rendered JSON.
+    let mut body = String::with_capacity(64 + page.iter().map(|e| e.json.len() + 1).sum::<usize>());
+    body.push_str("{\"relays\":[");
+    for (index, entry) in page.iter().enumerate() {
+        if index > 0 {
+            body.push(',');
+        }
+        body.push_str(&entry.json);
+    }
+    body.push_str("],\"next_cursor\":");
+    match next_cursor {
+        Some(cursor) => body.push_str(&serde_json::Value::String(cursor).to_string()),
+        None => body.push_str("null"),
+    }
+    body.push('}');
+    Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `GET /v1/relays/{key}`: one relay, every reputation component, and its
@@ -408,23 +404,21 @@ pub async fn detail(
     Ok(Json(RelayDetail { relay, uptime_history }))
 }
 
-/// A listing position: the last relay's sort value and key.
-struct Cursor {
-    value: String,
-    key: PublicKey,
-}
+/// A listing position: the last relay's sort value and key, as an entry
+/// that sorts exactly where that relay did.
+struct Cursor;
 
 impl Cursor {
-    fn encode(&self, sort: SortBy) -> String {
-        let tag = match sort {
-            SortBy::Price => "p",
-            SortBy::Reputation => "r",
-            SortBy::Value => "v",
-        };
-        format!("{tag}_{}_{}", self.value, self.key)
+    fn encode(entry: &Entry, sort: SortBy) -> String {
+        let key = hex::encode(entry.key);
+        match sort {
+            SortBy::Price => format!("p_{}_{key}", entry.price),
+            SortBy::Reputation => format!("r_{:?}_{key}", entry.reputation),
+            SortBy::Value => format!("v_{:?}_{key}", entry.value_score),
+        }
     }
 
-    fn parse(text: &str, sort: SortBy) -> Result<Cursor, ApiError> {
+    fn parse(text: &str, sort: SortBy) -> Result<Entry, ApiError> {
         let invalid = || {
             ApiError::bad_request("invalid_cursor", "the cursor is not one this listing returned")
         };
@@ -432,18 +426,24 @@ impl Cursor {
         let (Some(tag), Some(value), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(invalid());
         };
-        let value_ok = match (sort, tag) {
-            (SortBy::Price, "p") => value.parse::<PricePerByte>().is_ok(),
-            (SortBy::Reputation, "r") | (SortBy::Value, "v") => {
-                value.parse::<f64>().is_ok_and(f64::is_finite)
+        let key: PublicKey = key.parse().map_err(|_| invalid())?;
+        let mut position = Entry::position(*key.as_bytes());
+        match (sort, tag) {
+            (SortBy::Price, "p") => position.price = value.parse().map_err(|_| invalid())?,
+            (SortBy::Reputation, "r") => {
+                position.reputation = parse_score(value).ok_or_else(invalid)?
             }
-            _ => false,
-        };
-        if !value_ok {
-            return Err(invalid());
+            (SortBy::Value, "v") => {
+                position.value_score = parse_score(value).ok_or_else(invalid)?
+            }
+            _ => return Err(invalid()),
         }
-        Ok(Cursor { value: value.to_owned(), key: key.parse().map_err(|_| invalid())? })
+        Ok(position)
     }
+}
+
+fn parse_score(text: &str) -> Option<f64> {
+    text.parse::<f64>().ok().filter(|score| score.is_finite())
 }
 
 async fn exists(state: &AppState, key: &PublicKey) -> Result<bool, ApiError> {
@@ -455,6 +455,13 @@ async fn exists(state: &AppState, key: &PublicKey) -> Result<bool, ApiError> {
 
 fn unknown_relay() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "unknown_relay", "no relay with this key is registered")
+}
+
+/// Loads a relay this instance just wrote, and lists it at once.
+async fn load_and_list(state: &AppState, key: &PublicKey) -> Result<RelayView, ApiError> {
+    let view = load(state, key).await?;
+    state.market.update(Entry::new(&view)?);
+    Ok(view)
 }
 
 async fn load(state: &AppState, key: &PublicKey) -> Result<RelayView, ApiError> {
@@ -482,14 +489,28 @@ pub(crate) async fn load_many(
     rows.iter().map(view).collect()
 }
 
+/// Every registered relay, ready to list.
+pub(crate) async fn load_all(pool: &PgPool) -> Result<Vec<Entry>, ApiError> {
+    let rows = sqlx::query(select_relays!("")).fetch_all(pool).await?;
+    rows.iter().map(|row| view(row).and_then(|view| Entry::new(&view))).collect()
+}
+
 fn view(row: &PgRow) -> Result<RelayView, ApiError> {
     let corrupt = |what: &str| ApiError::internal(&format!("stored relay row: invalid {what}"));
-    let advert: SignedAdvert =
-        serde_json::from_value(row.try_get("advert")?).map_err(|_| corrupt("advert"))?;
+    let advert =
+        RawValue::from_string(row.try_get("advert_text")?).map_err(|_| corrupt("advert"))?;
+    let key_bytes: Vec<u8> = row.try_get("key_bytes")?;
+    let price_per_byte: PricePerByte =
+        row.try_get::<String, _>("price_text")?.parse().map_err(|_| corrupt("price"))?;
     let first_seen: DateTime<Utc> = row.try_get("first_seen")?;
     let paid: String = row.try_get("paid_volume_30d")?;
     Ok(RelayView {
-        price_per_gib: advert.advert.price_per_byte.per_gib(),
+        key_bytes: key_bytes.try_into().map_err(|_| corrupt("key"))?,
+        price_per_byte,
+        region: row.try_get("region")?,
+        issued_at_ms: u64::try_from(row.try_get::<i64, _>("issued_at_ms")?)
+            .map_err(|_| corrupt("issued_at_ms"))?,
+        price_per_gib: price_per_byte.per_gib(),
         live: row.try_get("live")?,
         last_heartbeat: row.try_get("last_heartbeat")?,
         load_bytes_per_sec: row.try_get("load_bytes_per_sec")?,

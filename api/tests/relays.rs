@@ -441,3 +441,30 @@ async fn a_client_publishes_its_home_relays_and_a_peer_finds_them() {
     assert_eq!(read_home(&registry, &client).await.1["relays"].as_array().unwrap().len(), 1);
     registry.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_lists_a_relay_within_the_snapshot_age() {
+    let first = Registry::start().await;
+    let options = first.ledger.pool().connect_options().as_ref().clone();
+    let second = Registry::start_on(options).await;
+    // The second instance has served a listing, so it holds a snapshot.
+    assert!(keys(&list(&second, "live=false").await.1).is_empty());
+    let relay = key(10);
+    let issued = now() * 1000;
+    let (status, _) =
+        publish(&first, &relay, advert(&relay, "0.00000000005", "eu-west", issued), &relay).await;
+    assert_eq!(status, StatusCode::OK);
+    // The writer lists it at once; the other instance once its snapshot
+    // is older than the documented bound.
+    assert_eq!(keys(&list(&first, "live=false").await.1), [relay.public().to_string()]);
+    let deadline = std::time::Instant::now() + ferry_api::SNAPSHOT_MAX_AGE * 5;
+    loop {
+        if keys(&list(&second, "live=false").await.1) == [relay.public().to_string()] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the other instance never listed the relay");
+        tokio::time::sleep(ferry_api::SNAPSHOT_MAX_AGE / 10).await;
+    }
+    first.stop().await;
+    second.stop().await;
+}

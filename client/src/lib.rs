@@ -1,0 +1,10 @@
+//! The ferry client SDK.
+//!
+//! [`RegistryClient`] speaks the registry's signed web API
+//! (`docs/PROTOCOL.md`, "Registry API (v1)"): it signs each request for its
+//! key with a fresh timestamp and nonce, and turns the registry's JSON errors
+//! into [`RegistryError`]s.
+
+mod registry;
+
+pub use registry::{REQUEST_TIMEOUT, RegistryClient, RegistryError};

@@ -1,0 +1,146 @@
+//! A client of the registry's web API that signs its requests.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_proto::{
+    KEY_HEADER, NONCE_HEADER, SIGNATURE_HEADER, SecretKey, SignedAdvert, SignedRequest,
+    SignedVoucher, TIMESTAMP_HEADER,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// How long one registry request may take, connection included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The header that names an operation for idempotent retries.
+const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+/// Why a registry request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry answered with an error.
+    #[error("the registry refused: {status} {code}: {message}")]
+    Refused {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The registry's error code, such as `insufficient_balance`.
+        code: String,
+        /// The registry's explanation.
+        message: String,
+    },
+    /// The registry could not be reached or its answer not read.
+    #[error("cannot reach the registry: {0}")]
+    Transport(#[from] reqwest::Error),
+    /// The request could not be prepared (no randomness for a nonce, or a
+    /// body that does not serialise).
+    #[error("cannot prepare the request: {0}")]
+    Prepare(String),
+}
+
+/// The registry's API, signed by one key.
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    base: String,
+    http: reqwest::Client,
+    key: SecretKey,
+}
+
+impl RegistryClient {
+    /// A client of the registry at `base` (such as `http://127.0.0.1:7070`)
+    /// acting for `key`, over `http` (share one to share its connections).
+    pub fn new(base: &str, key: SecretKey, http: reqwest::Client) -> RegistryClient {
+        RegistryClient { base: base.trim_end_matches('/').to_owned(), http, key }
+    }
+
+    /// An HTTP client with the registry request timeout.
+    pub fn http() -> Result<reqwest::Client, RegistryError> {
+        Ok(reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build()?)
+    }
+
+    /// Sends a request signed by this client's key and returns the JSON
+    /// answer. `idempotency_key` names the operation for safe retries.
+    pub async fn signed(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, RegistryError> {
+        let body = match body {
+            Some(body) => {
+                serde_json::to_vec(body).map_err(|e| RegistryError::Prepare(e.to_string()))?
+            }
+            None => Vec::new(),
+        };
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| RegistryError::Prepare(e.to_string()))?;
+        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let signature = SignedRequest {
+            method: method.as_str(),
+            path_and_query,
+            timestamp,
+            nonce,
+            body: &body,
+        }
+        .sign(&self.key);
+        let mut request = self
+            .http
+            .request(method, format!("{}{path_and_query}", self.base))
+            .header(KEY_HEADER, self.key.public().to_string())
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(NONCE_HEADER, hex::encode(nonce))
+            .header(SIGNATURE_HEADER, signature.to_string());
+        if !body.is_empty() {
+            request = request.header("content-type", "application/json").body(body);
+        }
+        if let Some(key) = idempotency_key {
+            request = request.header(IDEMPOTENCY_HEADER, key);
+        }
+        answer(request.send().await?).await
+    }
+
+    /// Sends an unsigned GET and returns the JSON answer.
+    pub async fn get(&self, path_and_query: &str) -> Result<Value, RegistryError> {
+        answer(self.http.get(format!("{}{path_and_query}", self.base)).send().await?).await
+    }
+
+    /// Publishes this relay's signed advertisement.
+    pub async fn publish_advert(&self, advert: &SignedAdvert) -> Result<Value, RegistryError> {
+        let path = format!("/v1/relays/{}/advert", self.key.public());
+        self.signed(Method::PUT, &path, Some(&json!(advert)), None).await
+    }
+
+    /// Reports this relay's load.
+    pub async fn heartbeat(
+        &self,
+        load_bytes_per_sec: u64,
+        sessions: u64,
+    ) -> Result<Value, RegistryError> {
+        let path = format!("/v1/relays/{}/heartbeats", self.key.public());
+        let body = json!({ "load_bytes_per_sec": load_bytes_per_sec, "sessions": sessions });
+        self.signed(Method::POST, &path, Some(&body), None).await
+    }
+
+    /// Settles a batch of vouchers paid to this relay; the answer holds one
+    /// outcome per voucher. Retrying with the same `idempotency_key` and
+    /// vouchers pays nothing twice.
+    pub async fn settle(
+        &self,
+        vouchers: &[SignedVoucher],
+        idempotency_key: &str,
+    ) -> Result<Value, RegistryError> {
+        let body = json!({ "vouchers": vouchers });
+        self.signed(Method::POST, "/v1/settlements", Some(&body), Some(idempotency_key)).await
+    }
+}
+
+async fn answer(response: reqwest::Response) -> Result<Value, RegistryError> {
+    let status = response.status();
+    let bytes = response.bytes().await?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    if status.is_success() {
+        return Ok(value);
+    }
+    let text = |field: &str| value[field].as_str().unwrap_or_default().to_owned();
+    Err(RegistryError::Refused { status, code: text("code"), message: text("message") })
+}
