@@ -13,6 +13,7 @@ mod keys;
 mod request;
 mod serde_str;
 mod voucher;
+pub mod wire;
 
 pub use advert::{
     ADVERT_TAG, AdvertError, MAX_ADDRESS_LEN, MAX_REGION_LEN, PROTOCOL_VERSION, RelayAdvert,
