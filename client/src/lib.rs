@@ -7,4 +7,4 @@
 
 mod registry;
 
-pub use registry::{REQUEST_TIMEOUT, RegistryClient, RegistryError};
+pub use registry::{ChannelView, REQUEST_TIMEOUT, RegistryClient, RegistryError};

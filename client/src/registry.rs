@@ -3,8 +3,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_proto::{
-    KEY_HEADER, NONCE_HEADER, SIGNATURE_HEADER, SecretKey, SignedAdvert, SignedRequest,
-    SignedVoucher, TIMESTAMP_HEADER,
+    Amount, ChannelId, KEY_HEADER, NONCE_HEADER, PublicKey, SIGNATURE_HEADER, SecretKey,
+    SignedAdvert, SignedRequest, SignedVoucher, TIMESTAMP_HEADER,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -30,10 +30,35 @@ pub enum RegistryError {
     /// The registry could not be reached or its answer not read.
     #[error("cannot reach the registry: {0}")]
     Transport(#[from] reqwest::Error),
+    /// The registry's answer is not what this client expects.
+    #[error("unexpected answer from the registry: {0}")]
+    Unexpected(String),
     /// The request could not be prepared (no randomness for a nonce, or a
     /// body that does not serialise).
     #[error("cannot prepare the request: {0}")]
     Prepare(String),
+}
+
+/// A payment channel as the registry shows it to its client and its relay.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ChannelView {
+    /// The channel id.
+    pub id: ChannelId,
+    /// The paying client.
+    pub client: PublicKey,
+    /// The paid relay.
+    pub relay: PublicKey,
+    /// `open`, `closing` or `closed`.
+    pub state: String,
+    /// Everything the client put in.
+    pub deposited: Amount,
+    /// Everything paid out for vouchers (to the relay and as fees): the
+    /// cumulative amount of the newest settled voucher.
+    pub settled: Amount,
+    /// What went back to the client at the close.
+    pub refunded: Amount,
+    /// The newest settled voucher's sequence.
+    pub last_sequence: u64,
 }
 
 /// The registry's API, signed by one key.
@@ -130,6 +155,19 @@ impl RegistryClient {
     ) -> Result<Value, RegistryError> {
         let body = json!({ "vouchers": vouchers });
         self.signed(Method::POST, "/v1/settlements", Some(&body), Some(idempotency_key)).await
+    }
+}
+
+impl RegistryClient {
+    /// A channel this client is the client or the relay of.
+    pub async fn channel(&self, id: &ChannelId) -> Result<ChannelView, RegistryError> {
+        let value = self.signed(Method::GET, &format!("/v1/channels/{id}"), None, None).await?;
+        serde_json::from_value(value).map_err(|error| RegistryError::Unexpected(error.to_string()))
+    }
+
+    /// The key this client signs with.
+    pub fn key(&self) -> &SecretKey {
+        &self.key
     }
 }
 

@@ -1,0 +1,182 @@
+//! The relay's Prometheus metrics, and the small HTTP server that exposes
+//! them with a health check.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RevenueLabels {
+    state: &'static str,
+}
+
+/// The relay's counters and gauges.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// Control sessions open.
+    pub sessions: Gauge<i64, AtomicI64>,
+    /// Tunnels open.
+    pub tunnels: Gauge<i64, AtomicI64>,
+    bytes: Family<DirectionLabels, Counter>,
+    vouchers: Family<VerdictLabels, Counter>,
+    refused: Family<ReasonLabels, Counter>,
+    /// Times a tunnel waited for payment because the credit window was used.
+    pub throttled: Counter,
+    revenue: Family<RevenueLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::with_prefix("ferry_relay");
+        let sessions = Gauge::default();
+        registry.register("sessions", "Control sessions open", sessions.clone());
+        let tunnels = Gauge::default();
+        registry.register("tunnels", "Tunnels open", tunnels.clone());
+        let bytes = Family::default();
+        registry.register(
+            "bytes",
+            "Bytes carried, by direction (caller_to_callee, callee_to_caller)",
+            bytes.clone(),
+        );
+        let vouchers = Family::default();
+        registry.register("vouchers", "Vouchers received, by verdict", vouchers.clone());
+        let refused = Family::default();
+        registry.register(
+            "refused",
+            "Connections, sessions and dials refused, by reason",
+            refused.clone(),
+        );
+        let throttled = Counter::default();
+        registry.register(
+            "throttled",
+            "Times a tunnel stopped reading because its client's credit window was used",
+            throttled.clone(),
+        );
+        let revenue = Family::default();
+        registry.register(
+            "revenue_units",
+            "Money in vouchers: received (newest per channel), settled, pending (approximate, for display)",
+            revenue.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            sessions,
+            tunnels,
+            bytes,
+            vouchers,
+            refused,
+            throttled,
+            revenue,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts `bytes` carried in `direction`.
+    pub fn carried(&self, direction: &'static str, bytes: u64) {
+        self.bytes.get_or_create(&DirectionLabels { direction }).inc_by(bytes);
+    }
+
+    /// Bytes carried so far, both directions.
+    pub fn carried_total(&self) -> u64 {
+        ["caller_to_callee", "callee_to_caller"]
+            .into_iter()
+            .map(|direction| self.bytes.get_or_create(&DirectionLabels { direction }).get())
+            .sum()
+    }
+
+    /// Counts a voucher's verdict.
+    pub fn voucher(&self, verdict: &'static str) {
+        self.vouchers.get_or_create(&VerdictLabels { verdict }).inc();
+    }
+
+    /// How many vouchers got `verdict`.
+    pub fn vouchers_with(&self, verdict: &'static str) -> u64 {
+        self.vouchers.get_or_create(&VerdictLabels { verdict }).get()
+    }
+
+    /// Counts a refusal.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Sets the revenue gauges, in units.
+    pub fn revenue(&self, received: f64, settled: f64) {
+        self.revenue.get_or_create(&RevenueLabels { state: "received" }).set(received);
+        self.revenue.get_or_create(&RevenueLabels { state: "settled" }).set(settled);
+        self.revenue
+            .get_or_create(&RevenueLabels { state: "pending" })
+            .set((received - settled).max(0.0));
+    }
+
+    /// The Prometheus text of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Serves `GET /healthz` and `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(render))
+        .with_state(metrics);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+async fn render(State(metrics): State<Metrics>) -> impl IntoResponse {
+    ([(CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], metrics.render())
+}
+
+/// A gauge that follows a count: incremented now, decremented on drop.
+#[derive(Debug)]
+pub struct Held(Gauge<i64, AtomicI64>);
+
+impl Held {
+    /// Increments `gauge` until the returned value is dropped.
+    pub fn new(gauge: &Gauge<i64, AtomicI64>) -> Held {
+        gauge.inc();
+        Held(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

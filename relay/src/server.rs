@@ -1,0 +1,310 @@
+//! Accepting connections: the per-IP bound, the mutual handshake, and the
+//! first frame that says what the connection is for.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_client::{ChannelView, RegistryClient, RegistryError};
+use ferry_proto::wire::io::{ReadError, read_frame, write_frame};
+use ferry_proto::wire::{CloseReason, Frame, WIRE_VERSION, transcript};
+use ferry_proto::{ChannelId, PricePerByte, PublicKey, SecretKey};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::config::RelayConfig;
+use crate::metrics::Metrics;
+use crate::session::Session;
+use crate::store::VoucherStore;
+use crate::tunnel::Pending;
+use crate::{SettleReport, market, session, settle, tunnel};
+
+/// How long to pause accepting after the listener fails (for example when
+/// the process is out of file descriptors), so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// A running relay.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// What every connection of the relay shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: RelayConfig,
+    pub(crate) key: SecretKey,
+    pub(crate) registry: RegistryClient,
+    pub(crate) store: VoucherStore,
+    pub(crate) metrics: Metrics,
+    pub(crate) sessions: Mutex<HashMap<PublicKey, Arc<Session>>>,
+    pub(crate) pending: Mutex<HashMap<u64, Pending>>,
+    pub(crate) next_tunnel: AtomicU64,
+    pub(crate) tunnels: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    channels: Mutex<HashMap<ChannelId, (ChannelView, Instant)>>,
+    price: Mutex<PricePerByte>,
+    pub(crate) settled: settle::Settled,
+    /// Set once when the relay shuts down; sessions and tunnels watch it.
+    pub(crate) shutdown: watch::Sender<bool>,
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked:
+/// every critical section here is a single insert, remove or assignment.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Relay {
+    /// A relay with this key and configuration, reporting to `registry`
+    /// (whose key must be `key`) and storing vouchers in `store`.
+    pub fn new(
+        config: RelayConfig,
+        key: SecretKey,
+        registry: RegistryClient,
+        store: VoucherStore,
+    ) -> Relay {
+        let price = config.price_per_byte;
+        let (shutdown, _) = watch::channel(false);
+        Relay {
+            shared: Arc::new(Shared {
+                config,
+                key,
+                registry,
+                store,
+                metrics: Metrics::default(),
+                sessions: Mutex::default(),
+                pending: Mutex::default(),
+                next_tunnel: AtomicU64::new(1),
+                tunnels: AtomicUsize::new(0),
+                per_ip: Mutex::default(),
+                channels: Mutex::default(),
+                price: Mutex::new(price),
+                settled: settle::Settled::default(),
+                shutdown,
+            }),
+        }
+    }
+
+    /// The relay's key.
+    pub fn public_key(&self) -> PublicKey {
+        self.shared.key.public()
+    }
+
+    /// The relay's metrics.
+    pub fn metrics(&self) -> Metrics {
+        self.shared.metrics.clone()
+    }
+
+    /// The price new sessions get.
+    pub fn price(&self) -> PricePerByte {
+        *lock(&self.shared.price)
+    }
+
+    /// Publishes the relay's advertisement, then keeps the registry
+    /// informed: heartbeats, price changes, and settlement of stored
+    /// vouchers, until [`Relay::shutdown`]. Call once.
+    pub async fn register(&self) -> Result<(), RegistryError> {
+        market::publish(&self.shared, self.price()).await?;
+        tokio::spawn(market::run(Arc::clone(&self.shared)));
+        tokio::spawn(settle::run(Arc::clone(&self.shared)));
+        Ok(())
+    }
+
+    /// Accepts connections on `listener` until `shutdown` completes.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "accepting a connection failed");
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(slot) = IpSlot::take(&self.shared, peer) else {
+                self.shared.metrics.refused("connections_per_ip");
+                continue;
+            };
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(async move {
+                handle(shared, stream).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Ends every session and tunnel, then submits every stored voucher for
+    /// settlement (retrying within `settle_deadline`).
+    pub async fn shutdown(&self, settle_deadline: Duration) -> SettleReport {
+        self.shared.shutdown.send_replace(true);
+        settle::final_round(&self.shared, settle_deadline).await
+    }
+}
+
+impl Shared {
+    pub(crate) fn set_price(&self, price: PricePerByte) {
+        *lock(&self.price) = price;
+    }
+
+    pub(crate) fn price(&self) -> PricePerByte {
+        *lock(&self.price)
+    }
+
+    /// The channel as the registry shows it, cached for the configured
+    /// time; `fresh` skips the cache (a voucher above the cached escrow may
+    /// follow a top-up).
+    pub(crate) async fn channel(
+        &self,
+        id: &ChannelId,
+        fresh: bool,
+    ) -> Result<ChannelView, RegistryError> {
+        if !fresh
+            && let Some((view, at)) = lock(&self.channels).get(id)
+            && at.elapsed() < self.config.limits.channel_cache_ttl
+        {
+            return Ok(view.clone());
+        }
+        let view = self.registry.channel(id).await?;
+        let mut channels = lock(&self.channels);
+        // Bounded like sessions: at most one cached channel per session,
+        // plus the ones whose session just ended; stale entries go first.
+        if channels.len() >= self.config.limits.max_sessions {
+            let ttl = self.config.limits.channel_cache_ttl;
+            channels.retain(|_, (_, at)| at.elapsed() < ttl);
+        }
+        if channels.len() < self.config.limits.max_sessions {
+            channels.insert(*id, (view.clone(), Instant::now()));
+        }
+        Ok(view)
+    }
+
+    pub(crate) fn session(&self, key: &PublicKey) -> Option<Arc<Session>> {
+        lock(&self.sessions).get(key).cloned()
+    }
+}
+
+/// One connection's place in its IP address's count.
+struct IpSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl IpSlot {
+    fn take(shared: &Arc<Shared>, peer: SocketAddr) -> Option<IpSlot> {
+        let mut counts = lock(&shared.per_ip);
+        let count = counts.entry(peer.ip()).or_insert(0);
+        if *count >= shared.config.limits.connections_per_ip {
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot { shared: Arc::clone(shared), ip: peer.ip() })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.shared.per_ip);
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Why a connection ended early, for the `Close` frame and the metrics.
+pub(crate) struct Refusal {
+    pub(crate) reason: CloseReason,
+    pub(crate) message: String,
+}
+
+impl Refusal {
+    pub(crate) fn new(reason: CloseReason, message: impl Into<String>) -> Refusal {
+        Refusal { reason, message: message.into() }
+    }
+}
+
+impl From<ReadError> for Refusal {
+    fn from(error: ReadError) -> Refusal {
+        Refusal::new(CloseReason::Protocol, error.to_string())
+    }
+}
+
+async fn handle(shared: Arc<Shared>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let limit = shared.config.limits.handshake_timeout;
+    let opened = match tokio::time::timeout(limit, handshake(&shared, &mut stream)).await {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(refusal)) => {
+            shared.metrics.refused("handshake");
+            let close = Frame::Close { reason: refusal.reason, message: refusal.message };
+            let _ = tokio::time::timeout(limit, write_frame(&mut stream, &close)).await;
+            return;
+        }
+        Err(_) => {
+            shared.metrics.refused("handshake_timeout");
+            return;
+        }
+    };
+    let (client, first) = opened;
+    match first {
+        Frame::OpenSession { channel } => session::run(shared, stream, client, channel).await,
+        Frame::Dial { peer } => tunnel::dial(shared, stream, client, peer).await,
+        Frame::Accept { tunnel } => tunnel::accept(&shared, stream, client, tunnel).await,
+        other => {
+            let close = Frame::Close {
+                reason: CloseReason::Protocol,
+                message: format!("{} cannot open a connection", other.name()),
+            };
+            let _ = tokio::time::timeout(limit, write_frame(&mut stream, &close)).await;
+        }
+    }
+}
+
+/// The relay's side of the handshake: returns the authenticated client key
+/// and the connection's first frame after it.
+async fn handshake(shared: &Shared, stream: &mut TcpStream) -> Result<(PublicKey, Frame), Refusal> {
+    let Frame::ClientHello { version, client, nonce: client_nonce } = read_frame(stream).await?
+    else {
+        return Err(Refusal::new(CloseReason::Protocol, "expected ClientHello"));
+    };
+    if version != WIRE_VERSION {
+        return Err(Refusal::new(
+            CloseReason::Protocol,
+            format!(
+                "protocol version {version} is not supported; this relay speaks {WIRE_VERSION}"
+            ),
+        ));
+    }
+    let mut relay_nonce = [0u8; 32];
+    getrandom::fill(&mut relay_nonce)
+        .map_err(|_| Refusal::new(CloseReason::Unavailable, "no randomness"))?;
+    let relay = shared.key.public();
+    let signature =
+        shared.key.sign(&transcript(b'R', version, &client, &client_nonce, &relay, &relay_nonce));
+    let hello = Frame::RelayHello { version, relay, nonce: relay_nonce, signature };
+    write_frame(stream, &hello)
+        .await
+        .map_err(|e| Refusal::new(CloseReason::Protocol, e.to_string()))?;
+    let Frame::ClientAuth { signature } = read_frame(stream).await? else {
+        return Err(Refusal::new(CloseReason::Protocol, "expected ClientAuth"));
+    };
+    let signed = transcript(b'C', version, &client, &client_nonce, &relay, &relay_nonce);
+    client.verify(&signed, &signature).map_err(|_| {
+        Refusal::new(CloseReason::Unauthenticated, "the client's signature is not valid")
+    })?;
+    Ok((client, read_frame(stream).await?))
+}

@@ -1,0 +1,354 @@
+//! Control sessions: a client's long-lived connection over which it listens
+//! for peers, hears of incoming tunnels, and is invoiced and pays.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_proto::wire::io::{read_frame, write_frame};
+use ferry_proto::wire::{CloseReason, Frame, ListenPolicy, VoucherVerdict};
+use ferry_proto::{Amount, ChannelId, PublicKey, SignedVoucher};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+use crate::meter::Meter;
+use crate::metrics::Held;
+use crate::server::{Refusal, Shared, lock};
+
+/// Frames waiting to be written to one session; a sender waits when full.
+pub const SESSION_OUTBOX: usize = 64;
+
+/// One client's control session.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) key: PublicKey,
+    pub(crate) outbox: mpsc::Sender<Frame>,
+    listen: Mutex<ListenPolicy>,
+    /// The paying channel's meter; none for a session that only listens.
+    pub(crate) meter: Option<Arc<Meter>>,
+    /// Tunnels this client has open as the caller.
+    pub(crate) tunnels: AtomicUsize,
+    /// Asks the writer to send an invoice now.
+    pub(crate) invoice_wanted: Notify,
+    /// Set when the session ends, with why; its tunnels watch it.
+    pub(crate) closed: watch::Sender<Option<CloseReason>>,
+}
+
+impl Session {
+    /// Whether the client's listen policy lets `caller` reach it.
+    pub(crate) fn allows(&self, caller: &PublicKey) -> bool {
+        match &*lock(&self.listen) {
+            ListenPolicy::Closed => false,
+            ListenPolicy::Open => true,
+            ListenPolicy::Allow(keys) => keys.contains(caller),
+        }
+    }
+
+    /// Ends the session (and its tunnels) for `reason`.
+    pub(crate) fn close(&self, reason: CloseReason) {
+        self.closed.send_if_modified(|current| {
+            let first = current.is_none();
+            if first {
+                *current = Some(reason);
+            }
+            first
+        });
+    }
+}
+
+/// Runs a control session on `stream` for the authenticated `client`.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    client: PublicKey,
+    channel: Option<ChannelId>,
+) {
+    let (mut reader, mut writer) = stream.into_split();
+    let meter = match channel {
+        None => None,
+        Some(channel) => match open_meter(&shared, client, channel).await {
+            Ok(meter) => Some(Arc::new(meter)),
+            Err(refusal) => {
+                shared.metrics.refused("channel");
+                refuse(&shared, &mut writer, refusal).await;
+                return;
+            }
+        },
+    };
+    let (outbox, outbox_rx) = mpsc::channel(SESSION_OUTBOX);
+    let (closed, _) = watch::channel(None);
+    let session = Arc::new(Session {
+        key: client,
+        outbox,
+        listen: Mutex::new(ListenPolicy::Closed),
+        meter,
+        tunnels: AtomicUsize::new(0),
+        invoice_wanted: Notify::new(),
+        closed,
+    });
+    let admitted = {
+        let mut sessions = lock(&shared.sessions);
+        let full = sessions.len() >= shared.config.limits.max_sessions;
+        if full && !sessions.contains_key(&client) {
+            false
+        } else {
+            if let Some(replaced) = sessions.insert(client, Arc::clone(&session)) {
+                replaced.close(CloseReason::Replaced);
+            }
+            true
+        }
+    };
+    if !admitted {
+        shared.metrics.refused("max_sessions");
+        refuse(&shared, &mut writer, Refusal::new(CloseReason::Limit, "the relay is full")).await;
+        return;
+    }
+    let _held = Held::new(&shared.metrics.sessions);
+    let paid = session.meter.as_ref().map_or(Amount::ZERO, |meter| meter.paid().0);
+    let ready = Frame::SessionReady {
+        price_per_byte: session.meter.as_ref().map_or(shared.price(), |meter| meter.price),
+        credit_window_bytes: shared.config.credit_window_bytes,
+        paid,
+    };
+    let (end_writer, ended) = oneshot::channel();
+    let writer_task = if write_bounded(&shared, &mut writer, &ready).await {
+        Some(tokio::spawn(write_loop(
+            Arc::clone(&shared),
+            writer,
+            outbox_rx,
+            Arc::clone(&session),
+            ended,
+        )))
+    } else {
+        None
+    };
+    let reason = if writer_task.is_some() {
+        read_loop(&shared, &mut reader, &session).await
+    } else {
+        CloseReason::Protocol
+    };
+    session.close(reason);
+    {
+        let mut sessions = lock(&shared.sessions);
+        if sessions.get(&client).is_some_and(|current| Arc::ptr_eq(current, &session)) {
+            sessions.remove(&client);
+        }
+    }
+    if let Some(task) = writer_task {
+        let _ = end_writer.send(reason);
+        let _ = tokio::time::timeout(shared.config.limits.keepalive_interval, task).await;
+    }
+}
+
+/// Checks the channel with the registry and resumes its payments from the
+/// newest voucher the relay holds or the ledger settled.
+async fn open_meter(
+    shared: &Shared,
+    client: PublicKey,
+    channel: ChannelId,
+) -> Result<Meter, Refusal> {
+    let view = shared.channel(&channel, false).await.map_err(|error| {
+        tracing::warn!(%error, %channel, "cannot check a channel with the registry");
+        Refusal::new(CloseReason::Unavailable, "the relay cannot check the channel now")
+    })?;
+    if view.client != client || view.relay != shared.key.public() {
+        return Err(Refusal::new(
+            CloseReason::BadChannel,
+            "the channel is not yours to this relay",
+        ));
+    }
+    if view.state != "open" {
+        return Err(Refusal::new(
+            CloseReason::BadChannel,
+            format!("the channel is {}", view.state),
+        ));
+    }
+    let (mut paid, mut sequence) = (view.settled, view.last_sequence);
+    if let Some(stored) = shared.store.latest(&channel)
+        && stored.voucher.sequence > sequence
+    {
+        (paid, sequence) = (stored.voucher.cumulative, stored.voucher.sequence);
+    }
+    Ok(Meter::new(
+        channel,
+        client,
+        shared.price(),
+        shared.config.credit_window_bytes,
+        paid,
+        sequence,
+    ))
+}
+
+async fn refuse(shared: &Shared, writer: &mut OwnedWriteHalf, refusal: Refusal) {
+    let close = Frame::Close { reason: refusal.reason, message: refusal.message };
+    write_bounded(shared, writer, &close).await;
+}
+
+/// Writes one frame within the keepalive interval; false if it failed.
+async fn write_bounded(shared: &Shared, writer: &mut OwnedWriteHalf, frame: &Frame) -> bool {
+    let limit = shared.config.limits.keepalive_interval;
+    matches!(tokio::time::timeout(limit, write_frame(writer, frame)).await, Ok(Ok(())))
+}
+
+/// Reads the client's frames until the session ends; returns why.
+async fn read_loop(
+    shared: &Shared,
+    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    session: &Session,
+) -> CloseReason {
+    let silence_limit = shared.config.limits.keepalive_interval * 3;
+    let mut closed = session.closed.subscribe();
+    let mut shutdown = shared.shutdown.subscribe();
+    if *shutdown.borrow() {
+        return CloseReason::Shutdown;
+    }
+    if let Some(reason) = *closed.borrow() {
+        return reason;
+    }
+    loop {
+        let frame = tokio::select! {
+            read = tokio::time::timeout(silence_limit, read_frame(reader)) => match read {
+                Err(_) => return CloseReason::Idle,
+                Ok(Err(_)) => return CloseReason::Protocol,
+                Ok(Ok(frame)) => frame,
+            },
+            _ = closed.changed() => return closed.borrow().unwrap_or(CloseReason::Normal),
+            _ = shutdown.changed() => return CloseReason::Shutdown,
+        };
+        let answer = match frame {
+            Frame::Listen { policy } => {
+                *lock(&session.listen) = policy;
+                None
+            }
+            Frame::Reject { tunnel } => {
+                crate::tunnel::reject(shared, &session.key, tunnel);
+                None
+            }
+            Frame::Voucher(voucher) => {
+                let verdict = judge(shared, session, voucher).await;
+                shared.metrics.voucher(verdict_name(verdict));
+                Some(Frame::VoucherResult { sequence: voucher.voucher.sequence, verdict })
+            }
+            Frame::Ping(value) => Some(Frame::Pong(value)),
+            Frame::Pong(_) => None,
+            Frame::Close { .. } => return CloseReason::Normal,
+            _ => return CloseReason::Protocol,
+        };
+        if let Some(answer) = answer {
+            let limit = shared.config.limits.keepalive_interval;
+            if !matches!(tokio::time::timeout(limit, session.outbox.send(answer)).await, Ok(Ok(())))
+            {
+                return CloseReason::Protocol;
+            }
+        }
+    }
+}
+
+/// The metric label of a verdict.
+pub(crate) fn verdict_name(verdict: VoucherVerdict) -> &'static str {
+    match verdict {
+        VoucherVerdict::Accepted => "accepted",
+        VoucherVerdict::Forged => "forged",
+        VoucherVerdict::Replayed => "replayed",
+        VoucherVerdict::Stale => "stale",
+        VoucherVerdict::WrongChannel => "wrong_channel",
+        VoucherVerdict::OverEscrow => "over_escrow",
+    }
+}
+
+/// Checks a voucher locally (no ledger call unless it exceeds the cached
+/// escrow), stores it durably, and only then counts it.
+async fn judge(shared: &Shared, session: &Session, voucher: SignedVoucher) -> VoucherVerdict {
+    let Some(meter) = &session.meter else {
+        return VoucherVerdict::WrongChannel;
+    };
+    let v = &voucher.voucher;
+    if v.channel != meter.channel {
+        return VoucherVerdict::WrongChannel;
+    }
+    if voucher.verify(&meter.client).is_err() {
+        return VoucherVerdict::Forged;
+    }
+    let (paid, sequence) = meter.paid();
+    if v.sequence <= sequence {
+        return VoucherVerdict::Replayed;
+    }
+    if v.cumulative < paid {
+        return VoucherVerdict::Stale;
+    }
+    let within_escrow = |fresh: bool| async move {
+        match shared.channel(&meter.channel, fresh).await {
+            Ok(view) => v.cumulative <= view.deposited,
+            Err(error) => {
+                tracing::warn!(%error, "cannot check a voucher's escrow with the registry");
+                false
+            }
+        }
+    };
+    if !within_escrow(false).await && !within_escrow(true).await {
+        return VoucherVerdict::OverEscrow;
+    }
+    if let Err(error) = shared.store.append(voucher).await {
+        tracing::error!(%error, "cannot store a voucher; ending the session");
+        session.close(CloseReason::Unavailable);
+        return VoucherVerdict::OverEscrow;
+    }
+    meter.accept(v.cumulative, v.sequence);
+    VoucherVerdict::Accepted
+}
+
+/// Writes the session's frames: queued answers and notices, invoices when a
+/// tunnel asks or the invoice timer ticks, and keepalive pings.
+async fn write_loop(
+    shared: Arc<Shared>,
+    mut writer: OwnedWriteHalf,
+    mut outbox: mpsc::Receiver<Frame>,
+    session: Arc<Session>,
+    mut ended: oneshot::Receiver<CloseReason>,
+) {
+    let limits = &shared.config.limits;
+    let mut pings = tokio::time::interval(limits.keepalive_interval);
+    let mut invoices =
+        tokio::time::interval(limits.invoice_interval.max(Duration::from_millis(10)));
+    let mut ping_number = 0u64;
+    loop {
+        let frame = tokio::select! {
+            biased;
+            reason = &mut ended => {
+                let reason = reason.unwrap_or(CloseReason::Normal);
+                let close = Frame::Close { reason, message: String::new() };
+                write_bounded(&shared, &mut writer, &close).await;
+                return;
+            }
+            Some(frame) = outbox.recv() => frame,
+            () = session.invoice_wanted.notified() => match invoice(&session) {
+                Some(frame) => frame,
+                None => continue,
+            },
+            _ = invoices.tick() => match invoice(&session) {
+                Some(frame) => frame,
+                None => continue,
+            },
+            _ = pings.tick() => {
+                ping_number += 1;
+                Frame::Ping(ping_number)
+            }
+        };
+        if !write_bounded(&shared, &mut writer, &frame).await {
+            // A client that does not read its session is gone.
+            session.close(CloseReason::Protocol);
+            return;
+        }
+    }
+}
+
+fn invoice(session: &Session) -> Option<Frame> {
+    let meter = session.meter.as_ref()?;
+    let due = meter.invoice()?;
+    Some(Frame::Invoice {
+        channel: meter.channel,
+        carried_bytes: due.carried_bytes,
+        due: due.amount,
+    })
+}
