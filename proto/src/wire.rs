@@ -149,6 +149,8 @@ pub enum Frame {
         /// The channel's cumulative amount the relay already holds a
         /// voucher for (a client resumes its count from here).
         paid: Amount,
+        /// That voucher's sequence: the next voucher must be above it.
+        sequence: u64,
     },
     /// Client → relay: who may reach the client.
     Listen {
@@ -331,11 +333,12 @@ impl Frame {
                     None => out.push(0),
                 }
             }
-            Frame::SessionReady { price_per_byte, credit_window_bytes, paid } => {
+            Frame::SessionReady { price_per_byte, credit_window_bytes, paid, sequence } => {
                 out.push(kind::SESSION_READY);
                 out.extend_from_slice(&price_per_byte.attos().to_be_bytes());
                 out.extend_from_slice(&credit_window_bytes.to_be_bytes());
                 out.extend_from_slice(&paid.attos().to_be_bytes());
+                out.extend_from_slice(&sequence.to_be_bytes());
             }
             Frame::Listen { policy } => {
                 out.push(kind::LISTEN);
@@ -466,6 +469,7 @@ impl Frame {
                         .map_err(|_| reader.malformed())?,
                     credit_window_bytes: reader.u64()?,
                     paid: reader.amount()?,
+                    sequence: reader.u64()?,
                 }
             }
             kind::LISTEN => {
@@ -738,11 +742,17 @@ mod tests {
             ),
             proptest::option::of(bytes32)
                 .prop_map(|c| Frame::OpenSession { channel: c.map(ChannelId::from_bytes) }),
-            (0u128..=1_000_000_000_000_000_000u128, any::<u64>(), 0u128..=Amount::MAX.attos())
-                .prop_map(|(p, w, a)| Frame::SessionReady {
+            (
+                0u128..=1_000_000_000_000_000_000u128,
+                any::<u64>(),
+                0u128..=Amount::MAX.attos(),
+                any::<u64>()
+            )
+                .prop_map(|(p, w, a, sequence)| Frame::SessionReady {
                     price_per_byte: PricePerByte::from_attos(p).unwrap(),
                     credit_window_bytes: w,
                     paid: Amount::from_attos(a).unwrap(),
+                    sequence,
                 }),
             proptest::collection::vec(seed.clone(), 0..20).prop_map(|seeds| Frame::Listen {
                 policy: ListenPolicy::Allow(seeds.into_iter().map(key).collect())

@@ -105,11 +105,12 @@ pub(crate) async fn run(
         return;
     }
     let _held = Held::new(&shared.metrics.sessions);
-    let paid = session.meter.as_ref().map_or(Amount::ZERO, |meter| meter.paid().0);
+    let (paid, sequence) = session.meter.as_ref().map_or((Amount::ZERO, 0), |meter| meter.paid());
     let ready = Frame::SessionReady {
         price_per_byte: session.meter.as_ref().map_or(shared.price(), |meter| meter.price),
         credit_window_bytes: shared.config.credit_window_bytes,
         paid,
+        sequence,
     };
     let (end_writer, ended) = oneshot::channel();
     let writer_task = if write_bounded(&shared, &mut writer, &ready).await {

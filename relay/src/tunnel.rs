@@ -199,10 +199,21 @@ async fn carry(
     if closed.borrow().is_some() {
         return CloseReason::Normal;
     }
-    tokio::select! {
-        (up, down) = async { tokio::join!(up, down) } => {
-            if up != CloseReason::Normal { up } else { down }
+    let both = async {
+        tokio::pin!(up, down);
+        // A direction that finishes normally half-closes and the other goes
+        // on; one that fails (unpaid, idle, broken) ends the tunnel.
+        let (first, up_first) = tokio::select! {
+            reason = &mut up => (reason, true),
+            reason = &mut down => (reason, false),
+        };
+        if first != CloseReason::Normal {
+            return first;
         }
+        if up_first { down.await } else { up.await }
+    };
+    tokio::select! {
+        reason = both => reason,
         _ = closed.changed() => CloseReason::Normal,
         _ = shutdown.changed() => CloseReason::Shutdown,
     }

@@ -1,0 +1,316 @@
+//! The client side of the relay protocol (docs/PROTOCOL.md, "Relay
+//! protocol"): the handshake that proves both keys, a control session that
+//! listens, hears of tunnels and pays, and tunnels that dial or accept.
+
+use std::time::Duration;
+
+use ferry_proto::wire::io::{read_frame, write_frame};
+use ferry_proto::wire::{
+    CloseReason, DialFailure, Frame, ListenPolicy, VoucherVerdict, WIRE_VERSION, transcript,
+};
+use ferry_proto::{Amount, ChannelId, PricePerByte, PublicKey, SecretKey, SignedVoucher, Voucher};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// How long connecting and the handshake may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a dial waits for the relay to pair it (the relay's own pairing
+/// time is shorter; this bounds a relay that never answers).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Session events waiting for the application; the session stops reading
+/// from the relay while this is full.
+pub const SESSION_EVENTS: usize = 256;
+/// Frames waiting to be written to the relay.
+const SESSION_OUTBOX: usize = 64;
+
+/// Why talking to a relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The connection failed.
+    #[error("relay connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The relay sent something the protocol does not allow here.
+    #[error("the relay broke the protocol: {0}")]
+    Protocol(String),
+    /// The relay did not prove the advertised key.
+    #[error("the relay at this address is not the advertised one")]
+    Impostor,
+    /// The relay ended the connection.
+    #[error("the relay closed the connection ({reason:?}): {message}")]
+    Closed {
+        /// Why.
+        reason: CloseReason,
+        /// The relay's explanation.
+        message: String,
+    },
+    /// The relay could not make the tunnel.
+    #[error("no tunnel: {0:?}")]
+    DialFailed(DialFailure),
+    /// The relay did not answer in time.
+    #[error("the relay did not answer in time")]
+    Timeout,
+}
+
+/// Where a relay is and which key it must prove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayAddress {
+    /// `host:port`.
+    pub address: String,
+    /// The relay's advertised key.
+    pub key: PublicKey,
+}
+
+fn unexpected(frame: Frame) -> RelayError {
+    match frame {
+        Frame::Close { reason, message } => RelayError::Closed { reason, message },
+        Frame::DialFailed { reason } => RelayError::DialFailed(reason),
+        other => RelayError::Protocol(format!("unexpected {}", other.name())),
+    }
+}
+
+async fn read(stream: &mut TcpStream) -> Result<Frame, RelayError> {
+    read_frame(stream).await.map_err(|error| RelayError::Protocol(error.to_string()))
+}
+
+/// Connects, runs the handshake as `me`, and sends `first`.
+async fn connect(
+    relay: &RelayAddress,
+    me: &SecretKey,
+    first: Frame,
+) -> Result<TcpStream, RelayError> {
+    let handshake = async {
+        let mut stream = TcpStream::connect(&relay.address).await?;
+        stream.set_nodelay(true)?;
+        let mut nonce = [0u8; 32];
+        getrandom::fill(&mut nonce)
+            .map_err(|error| RelayError::Protocol(format!("no randomness: {error}")))?;
+        let client = me.public();
+        write_frame(&mut stream, &Frame::ClientHello { version: WIRE_VERSION, client, nonce })
+            .await?;
+        let (version, relay_nonce) = match read(&mut stream).await? {
+            Frame::RelayHello { version, relay: key, nonce: relay_nonce, signature } => {
+                let signed = transcript(b'R', version, &client, &nonce, &key, &relay_nonce);
+                if key != relay.key || key.verify(&signed, &signature).is_err() {
+                    return Err(RelayError::Impostor);
+                }
+                (version, relay_nonce)
+            }
+            other => return Err(unexpected(other)),
+        };
+        let signed = transcript(b'C', version, &client, &nonce, &relay.key, &relay_nonce);
+        write_frame(&mut stream, &Frame::ClientAuth { signature: me.sign(&signed) }).await?;
+        write_frame(&mut stream, &first).await?;
+        Ok(stream)
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, handshake).await.map_err(|_| RelayError::Timeout)?
+}
+
+/// Opens a tunnel to `peer` through `relay`: once the peer accepts, the
+/// stream carries raw bytes to and from it. The caller pays for both ways.
+pub async fn dial(
+    relay: &RelayAddress,
+    me: &SecretKey,
+    peer: PublicKey,
+) -> Result<TcpStream, RelayError> {
+    let mut stream = connect(relay, me, Frame::Dial { peer }).await?;
+    match tokio::time::timeout(DIAL_TIMEOUT, read(&mut stream)).await {
+        Ok(Ok(Frame::Connected { .. })) => Ok(stream),
+        Ok(Ok(other)) => Err(unexpected(other)),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(RelayError::Timeout),
+    }
+}
+
+/// Accepts `tunnel` (announced by an [`Event::Incoming`]): the stream
+/// carries raw bytes to and from the caller.
+pub async fn accept(
+    relay: &RelayAddress,
+    me: &SecretKey,
+    tunnel: u64,
+) -> Result<TcpStream, RelayError> {
+    let mut stream = connect(relay, me, Frame::Accept { tunnel }).await?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, read(&mut stream)).await {
+        Ok(Ok(Frame::Connected { .. })) => Ok(stream),
+        Ok(Ok(other)) => Err(unexpected(other)),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(RelayError::Timeout),
+    }
+}
+
+/// The terms a session opened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTerms {
+    /// The price of a byte in this session.
+    pub price_per_byte: PricePerByte,
+    /// Bytes the relay carries ahead of payment.
+    pub credit_window_bytes: u64,
+    /// The channel's amount the relay already holds a voucher for.
+    pub paid: Amount,
+    /// That voucher's sequence.
+    pub sequence: u64,
+}
+
+/// Something the relay told the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A peer wants a tunnel: [`accept`] it or [`Session::reject`] it.
+    Incoming {
+        /// The tunnel.
+        tunnel: u64,
+        /// The caller.
+        caller: PublicKey,
+    },
+    /// The relay billed the channel (and, with a payer, was paid).
+    Invoice {
+        /// Bytes carried in this session.
+        carried_bytes: u64,
+        /// The cumulative amount due.
+        due: Amount,
+    },
+    /// What the relay did with a voucher.
+    VoucherResult {
+        /// The voucher's sequence.
+        sequence: u64,
+        /// The verdict.
+        verdict: VoucherVerdict,
+    },
+    /// A tunnel of this client ended early.
+    TunnelClosed {
+        /// The tunnel.
+        tunnel: u64,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// The session ended.
+    Closed {
+        /// Why.
+        reason: CloseReason,
+        /// The relay's explanation.
+        message: String,
+    },
+}
+
+/// Pays invoices automatically with vouchers from `key` on `channel`.
+#[derive(Debug, Clone)]
+pub struct Payer {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The channel's client key.
+    pub key: SecretKey,
+}
+
+/// A control session with a relay.
+#[derive(Debug)]
+pub struct Session {
+    /// The terms the relay opened the session on.
+    pub terms: SessionTerms,
+    outbox: mpsc::Sender<Frame>,
+    events: mpsc::Receiver<Event>,
+}
+
+impl Session {
+    /// Opens a control session as `me`, paying through `channel` (none: the
+    /// session may listen but not dial). With a `payer`, every invoice is
+    /// answered with a voucher for the amount due.
+    pub async fn open(
+        relay: &RelayAddress,
+        me: &SecretKey,
+        channel: Option<ChannelId>,
+        payer: Option<Payer>,
+    ) -> Result<Session, RelayError> {
+        let mut stream = connect(relay, me, Frame::OpenSession { channel }).await?;
+        let terms = match tokio::time::timeout(CONNECT_TIMEOUT, read(&mut stream)).await {
+            Ok(Ok(Frame::SessionReady { price_per_byte, credit_window_bytes, paid, sequence })) => {
+                SessionTerms { price_per_byte, credit_window_bytes, paid, sequence }
+            }
+            Ok(Ok(other)) => return Err(unexpected(other)),
+            Ok(Err(error)) => return Err(error),
+            Err(_) => return Err(RelayError::Timeout),
+        };
+        let (reader, mut writer) = stream.into_split();
+        let (outbox, mut outbox_rx) = mpsc::channel::<Frame>(SESSION_OUTBOX);
+        let (events_tx, events) = mpsc::channel(SESSION_EVENTS);
+        tokio::spawn(async move {
+            while let Some(frame) = outbox_rx.recv().await {
+                let last = matches!(frame, Frame::Close { .. });
+                if write_frame(&mut writer, &frame).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(read_loop(reader, outbox.clone(), events_tx, payer, terms.sequence));
+        Ok(Session { terms, outbox, events })
+    }
+
+    async fn send(&self, frame: Frame) -> Result<(), RelayError> {
+        self.outbox.send(frame).await.map_err(|_| RelayError::Protocol("the session ended".into()))
+    }
+
+    /// Sets who may reach this client through the relay.
+    pub async fn listen(&self, policy: ListenPolicy) -> Result<(), RelayError> {
+        self.send(Frame::Listen { policy }).await
+    }
+
+    /// Refuses an incoming tunnel.
+    pub async fn reject(&self, tunnel: u64) -> Result<(), RelayError> {
+        self.send(Frame::Reject { tunnel }).await
+    }
+
+    /// Sends a voucher (a payer sends them itself).
+    pub async fn pay(&self, voucher: SignedVoucher) -> Result<(), RelayError> {
+        self.send(Frame::Voucher(voucher)).await
+    }
+
+    /// Ends the session.
+    pub async fn close(&self) -> Result<(), RelayError> {
+        self.send(Frame::Close { reason: CloseReason::Normal, message: String::new() }).await
+    }
+
+    /// The next event; none once the session ended and every event was read.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+}
+
+async fn read_loop(
+    mut reader: tokio::net::tcp::OwnedReadHalf,
+    outbox: mpsc::Sender<Frame>,
+    events: mpsc::Sender<Event>,
+    payer: Option<Payer>,
+    mut sequence: u64,
+) {
+    loop {
+        let event = match read_frame(&mut reader).await {
+            Err(error) => {
+                Event::Closed { reason: CloseReason::Protocol, message: error.to_string() }
+            }
+            Ok(Frame::Ping(value)) => {
+                let _ = outbox.send(Frame::Pong(value)).await;
+                continue;
+            }
+            Ok(Frame::Pong(_)) => continue,
+            Ok(Frame::Incoming { tunnel, caller }) => Event::Incoming { tunnel, caller },
+            Ok(Frame::Invoice { channel, carried_bytes, due }) => {
+                if let Some(payer) = payer.as_ref().filter(|payer| payer.channel == channel) {
+                    sequence += 1;
+                    let voucher = Voucher { channel, sequence, cumulative: due }.sign(&payer.key);
+                    let _ = outbox.send(Frame::Voucher(voucher)).await;
+                }
+                Event::Invoice { carried_bytes, due }
+            }
+            Ok(Frame::VoucherResult { sequence, verdict }) => {
+                Event::VoucherResult { sequence, verdict }
+            }
+            Ok(Frame::TunnelClosed { tunnel, reason }) => Event::TunnelClosed { tunnel, reason },
+            Ok(Frame::Close { reason, message }) => Event::Closed { reason, message },
+            Ok(other) => Event::Closed {
+                reason: CloseReason::Protocol,
+                message: format!("unexpected {} from the relay", other.name()),
+            },
+        };
+        let last = matches!(event, Event::Closed { .. });
+        if events.send(event).await.is_err() || last {
+            return;
+        }
+    }
+}

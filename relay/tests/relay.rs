@@ -1,0 +1,439 @@
+//! The relay over real sockets on 127.0.0.1:0, paid through a real registry
+//! and ledger on PostgreSQL: pairing and forwarding, refusals, the credit
+//! window, bad vouchers, slow handshakes and settlement after a crash.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_api::{AppState, Limits as ApiLimits, RegistryConfig};
+use ferry_client::RegistryClient;
+use ferry_client::relay::{self, Event, Payer, RelayAddress, RelayError, Session};
+use ferry_ledger::{Ledger, LedgerConfig};
+use ferry_proto::wire::{CloseReason, DialFailure, ListenPolicy, VoucherVerdict};
+use ferry_proto::{Amount, ChannelId, PricePerByte, PublicKey, SecretKey, Voucher};
+use ferry_relay::{Relay, RelayConfig, VoucherStore};
+use reqwest::Method;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// Every wait in these tests is bounded by this.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn key(seed: u8) -> SecretKey {
+    SecretKey::from_seed(&[seed; 32])
+}
+
+fn operator() -> SecretKey {
+    key(0xee)
+}
+
+/// A registry over a fresh database.
+struct Registry {
+    base: String,
+    ledger: Ledger,
+    http: reqwest::Client,
+}
+
+impl Registry {
+    async fn start() -> Registry {
+        let options = ferry_ledger::testing::fresh_database().await.unwrap();
+        let config = LedgerConfig { dispute_window: Duration::ZERO, ..LedgerConfig::default() };
+        let ledger = Ledger::connect(options, config).await.unwrap();
+        let state = AppState::new(
+            ledger.clone(),
+            RegistryConfig { operator: operator().public(), limits: ApiLimits::default() },
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(ferry_api::serve(listener, state, std::future::pending()));
+        Registry { base, ledger, http: RegistryClient::http().unwrap() }
+    }
+
+    fn client(&self, key: &SecretKey) -> RegistryClient {
+        RegistryClient::new(&self.base, key.clone(), self.http.clone())
+    }
+
+    /// Deposits `amount` for `client` and opens a channel of it to `relay`.
+    async fn fund(&self, client: &SecretKey, relay: &PublicKey, amount: &str) -> ChannelId {
+        let deposit = json!({ "amount": amount });
+        let path = format!("/v1/accounts/{}/deposits", client.public());
+        let idempotency = format!("deposit-{}", &client.public().to_string()[..16]);
+        self.client(&operator())
+            .signed(Method::POST, &path, Some(&deposit), Some(&idempotency))
+            .await
+            .unwrap();
+        let open = json!({ "relay": relay.to_string(), "nonce": 1, "amount": amount });
+        let idempotency = format!("open-{}", &client.public().to_string()[..16]);
+        let channel = self
+            .client(client)
+            .signed(Method::POST, "/v1/channels", Some(&open), Some(&idempotency))
+            .await
+            .unwrap();
+        channel["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    async fn assert_invariants(&self) {
+        let report = self.ledger.check().await.unwrap();
+        assert!(report.is_ok(), "{:#?}", report.violations);
+    }
+}
+
+/// A relay on 127.0.0.1:0 registered with `registry`.
+struct RunningRelay {
+    relay: Relay,
+    address: RelayAddress,
+    stop: Option<oneshot::Sender<()>>,
+    store_dir: PathBuf,
+}
+
+impl RunningRelay {
+    async fn start(
+        registry: &Registry,
+        key: &SecretKey,
+        tune: impl FnOnce(&mut RelayConfig),
+        store_dir: PathBuf,
+    ) -> RunningRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let price = PricePerByte::from_attos(1_000_000_000).unwrap(); // 1e-9 per byte
+        let mut config = RelayConfig::new(&address, "test", price);
+        config.credit_window_bytes = 256 * 1024;
+        tune(&mut config);
+        std::fs::create_dir_all(&store_dir).unwrap();
+        let store = VoucherStore::open(&store_dir.join("vouchers.log")).unwrap();
+        let relay = Relay::new(config, key.clone(), registry.client(key), store);
+        relay.register().await.unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = relay.clone();
+        tokio::spawn(async move {
+            serving
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        RunningRelay {
+            relay,
+            address: RelayAddress { address, key: key.public() },
+            stop: Some(stop),
+            store_dir,
+        }
+    }
+
+    /// Stops accepting and shuts down, settling every stored voucher.
+    async fn shutdown(mut self) -> ferry_relay::SettleReport {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.relay.shutdown(WAIT).await
+    }
+}
+
+fn store_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferry-relay-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+async fn next(session: &mut Session) -> Event {
+    tokio::time::timeout(WAIT, session.next_event()).await.expect("an event in time").expect("open")
+}
+
+/// Accepts every incoming tunnel on `listener`'s session and hands back
+/// the streams.
+fn accept_all(
+    relay: RelayAddress,
+    me: SecretKey,
+    mut session: Session,
+) -> tokio::sync::mpsc::Receiver<tokio::net::TcpStream> {
+    let (streams, received) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        while let Some(event) = session.next_event().await {
+            if let Event::Incoming { tunnel, .. } = event {
+                let stream = relay::accept(&relay, &me, tunnel).await.unwrap();
+                if streams.send(stream).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    received
+}
+
+fn random_bytes(len: usize, seed: u8) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(len);
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&[seed]);
+    let mut reader = hasher.finalize_xof();
+    bytes.resize(len, 0);
+    reader.fill(&mut bytes);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_tunnel_carries_bytes_intact_both_ways_and_the_relay_is_settled() {
+    let registry = Registry::start().await;
+    let (relay_key, caller, callee) = (key(1), key(2), key(3));
+    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
+    let relay = RunningRelay::start(&registry, &relay_key, |_| {}, store_dir("paid")).await;
+
+    let listener = Session::open(&relay.address, &callee, None, None).await.unwrap();
+    listener.listen(ListenPolicy::Open).await.unwrap();
+    let mut accepted = accept_all(relay.address.clone(), callee.clone(), listener);
+    let payer = Payer { channel, key: caller.clone() };
+    let mut session =
+        Session::open(&relay.address, &caller, Some(channel), Some(payer)).await.unwrap();
+
+    let mut near = relay::dial(&relay.address, &caller, callee.public()).await.unwrap();
+    let mut far = tokio::time::timeout(WAIT, accepted.recv()).await.unwrap().unwrap();
+    let (up, down) = (random_bytes(3 << 20, 1), random_bytes(1 << 20, 2));
+    let (up_sent, down_sent) = (up.clone(), down.clone());
+    let sending = tokio::spawn(async move {
+        near.write_all(&up_sent).await.unwrap();
+        near.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        near.read_to_end(&mut back).await.unwrap();
+        back
+    });
+    let mut received = Vec::new();
+    tokio::time::timeout(WAIT, far.read_to_end(&mut received)).await.unwrap().unwrap();
+    far.write_all(&down_sent).await.unwrap();
+    far.shutdown().await.unwrap();
+    let back = tokio::time::timeout(WAIT, sending).await.unwrap().unwrap();
+    assert_eq!(blake3::hash(&received), blake3::hash(&up), "caller → callee intact");
+    assert_eq!(blake3::hash(&back), blake3::hash(&down), "callee → caller intact");
+
+    // The caller was billed for both directions and its vouchers accepted.
+    let carried = (up.len() + down.len()) as u64;
+    // The payer answers invoice n with the voucher of sequence n.
+    let (mut billed, mut invoices, mut paid_in_full) = (0, 0, false);
+    while !paid_in_full {
+        match next(&mut session).await {
+            Event::Invoice { carried_bytes, .. } => {
+                (billed, invoices) = (carried_bytes, invoices + 1)
+            }
+            Event::VoucherResult { sequence, verdict } => {
+                assert_eq!(verdict, VoucherVerdict::Accepted);
+                paid_in_full = billed == carried && sequence == invoices;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let metrics = relay.relay.metrics();
+    let report = relay.shutdown().await;
+    assert!(!report.incomplete && report.rejected == 0, "{report:?}");
+    assert!(metrics.vouchers_with("accepted") >= 1);
+
+    // The ledger paid the relay for what the last voucher covered.
+    let view = registry.client(&relay_key).channel(&channel).await.unwrap();
+    let due = Amount::from_attos(u128::from(carried) * 1_000_000_000).unwrap();
+    assert_eq!(view.settled, due);
+    registry.assert_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dials_to_unknown_closed_or_refusing_peers_fail_with_the_reason() {
+    let registry = Registry::start().await;
+    let (relay_key, caller, callee, stranger) = (key(1), key(2), key(3), key(4));
+    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
+    let relay = RunningRelay::start(&registry, &relay_key, |_| {}, store_dir("refusals")).await;
+    let payer = Payer { channel, key: caller.clone() };
+    let _session =
+        Session::open(&relay.address, &caller, Some(channel), Some(payer)).await.unwrap();
+    let dial = |peer: PublicKey| {
+        let (address, caller) = (relay.address.clone(), caller.clone());
+        async move { relay::dial(&address, &caller, peer).await }
+    };
+
+    let failure = |result: Result<_, RelayError>| match result {
+        Err(RelayError::DialFailed(reason)) => reason,
+        other => panic!("expected a dial failure, got {:?}", other.map(|_| ())),
+    };
+    assert_eq!(failure(dial(stranger.public()).await), DialFailure::UnknownPeer);
+
+    let mut listener = Session::open(&relay.address, &callee, None, None).await.unwrap();
+    assert_eq!(failure(dial(callee.public()).await), DialFailure::Rejected, "not listening");
+    listener.listen(ListenPolicy::Allow(vec![stranger.public()])).await.unwrap();
+    // The policy change is ordered before the next dial by a round trip.
+    let _ = Session::open(&relay.address, &stranger, None, None).await.unwrap();
+    assert_eq!(failure(dial(callee.public()).await), DialFailure::Rejected, "not allowed");
+
+    listener.listen(ListenPolicy::Open).await.unwrap();
+    let _ = Session::open(&relay.address, &stranger, None, None).await.unwrap();
+    let dialing = tokio::spawn(dial(callee.public()));
+    let Event::Incoming { tunnel, caller: who } = next(&mut listener).await else {
+        panic!("expected an incoming tunnel");
+    };
+    assert_eq!(who, caller.public());
+    listener.reject(tunnel).await.unwrap();
+    assert_eq!(failure(dialing.await.unwrap()), DialFailure::Rejected, "refused by the callee");
+
+    // A caller without a paid session may not dial at all.
+    assert_eq!(
+        failure(relay::dial(&relay.address, &stranger, callee.public()).await),
+        DialFailure::NotPaid
+    );
+    // A relay that is not the advertised one is detected.
+    let impostor = RelayAddress { key: stranger.public(), ..relay.address.clone() };
+    assert!(matches!(
+        relay::dial(&impostor, &caller, callee.public()).await,
+        Err(RelayError::Impostor)
+    ));
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaying_client_gets_no_more_than_the_credit_window() {
+    let registry = Registry::start().await;
+    let (relay_key, caller, callee) = (key(1), key(2), key(3));
+    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
+    let window = 256 * 1024u64;
+    let relay = RunningRelay::start(
+        &registry,
+        &relay_key,
+        |config| {
+            config.credit_window_bytes = window;
+            config.limits.payment_grace = Duration::from_millis(500);
+        },
+        store_dir("window"),
+    )
+    .await;
+    let listener = Session::open(&relay.address, &callee, None, None).await.unwrap();
+    listener.listen(ListenPolicy::Open).await.unwrap();
+    let mut accepted = accept_all(relay.address.clone(), callee.clone(), listener);
+    // No payer: invoices go unanswered.
+    let mut session = Session::open(&relay.address, &caller, Some(channel), None).await.unwrap();
+    let mut near = relay::dial(&relay.address, &caller, callee.public()).await.unwrap();
+    let mut far = tokio::time::timeout(WAIT, accepted.recv()).await.unwrap().unwrap();
+    tokio::spawn(async move {
+        let _ = near.write_all(&random_bytes(8 << 20, 3)).await;
+        near
+    });
+    let mut received = Vec::new();
+    tokio::time::timeout(WAIT, far.read_to_end(&mut received)).await.unwrap().unwrap();
+    assert!(received.len() as u64 <= window, "carried {} > window {window}", received.len());
+    assert!(received.len() as u64 > window / 2, "the window itself is carried");
+    loop {
+        match next(&mut session).await {
+            Event::TunnelClosed { reason, .. } => {
+                assert_eq!(reason, CloseReason::NotPaid);
+                break;
+            }
+            Event::Invoice { carried_bytes, .. } => assert!(carried_bytes <= window),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(relay.relay.metrics().render().contains("ferry_relay_throttled_total"));
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_vouchers_are_refused_and_counted() {
+    let registry = Registry::start().await;
+    let (relay_key, caller, mallory) = (key(1), key(2), key(5));
+    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
+    let relay = RunningRelay::start(&registry, &relay_key, |_| {}, store_dir("vouchers")).await;
+    let mut session = Session::open(&relay.address, &caller, Some(channel), None).await.unwrap();
+    let voucher = |sequence: u64, amount: &str, signer: &SecretKey, channel: ChannelId| {
+        Voucher { channel, sequence, cumulative: amount.parse().unwrap() }.sign(signer)
+    };
+    let other_channel = ChannelId::derive(&caller.public(), &relay_key.public(), 99);
+    let cases = [
+        (voucher(1, "1", &caller, channel), VoucherVerdict::Accepted),
+        (voucher(1, "2", &caller, channel), VoucherVerdict::Replayed),
+        (voucher(2, "0.5", &caller, channel), VoucherVerdict::Stale),
+        (voucher(3, "2", &mallory, channel), VoucherVerdict::Forged),
+        (voucher(3, "2", &caller, other_channel), VoucherVerdict::WrongChannel),
+        (voucher(3, "11", &caller, channel), VoucherVerdict::OverEscrow),
+        (voucher(3, "2", &caller, channel), VoucherVerdict::Accepted),
+    ];
+    for (signed, expected) in cases {
+        session.pay(signed).await.unwrap();
+        match next(&mut session).await {
+            Event::VoucherResult { sequence, verdict } => {
+                assert_eq!((sequence, verdict), (signed.voucher.sequence, expected));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let metrics = relay.relay.metrics();
+    for (verdict, count) in [
+        ("accepted", 2),
+        ("replayed", 1),
+        ("stale", 1),
+        ("forged", 1),
+        ("wrong_channel", 1),
+        ("over_escrow", 1),
+    ] {
+        assert_eq!(metrics.vouchers_with(verdict), count, "{verdict}");
+    }
+    let report = relay.shutdown().await;
+    assert_eq!((report.settled, report.rejected), (1, 0));
+    let view = registry.client(&relay_key).channel(&channel).await.unwrap();
+    assert_eq!(view.settled.to_string(), "2", "only the newest good voucher counts");
+    registry.assert_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restarted_from_its_voucher_log_settles_every_acknowledged_voucher() {
+    let registry = Registry::start().await;
+    let (relay_key, caller) = (key(1), key(2));
+    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
+    let dir = store_dir("crash");
+    let relay = RunningRelay::start(&registry, &relay_key, |_| {}, dir.clone()).await;
+    let mut session = Session::open(&relay.address, &caller, Some(channel), None).await.unwrap();
+    let voucher = Voucher { channel, sequence: 1, cumulative: "3".parse().unwrap() }.sign(&caller);
+    session.pay(voucher).await.unwrap();
+    assert!(matches!(
+        next(&mut session).await,
+        Event::VoucherResult { verdict: VoucherVerdict::Accepted, .. }
+    ));
+    // The relay stops without shutting down or settling; a new relay with
+    // the same key starts from its voucher log alone.
+    let RunningRelay { stop, store_dir, .. } = relay;
+    drop(stop);
+    assert_eq!(store_dir, dir);
+    let restarted = RunningRelay::start(&registry, &relay_key, |_| {}, dir).await;
+    let report = restarted.shutdown().await;
+    assert_eq!(report.settled, 1, "{report:?}");
+    let view = registry.client(&relay_key).channel(&channel).await.unwrap();
+    assert_eq!(view.settled.to_string(), "3");
+    registry.assert_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_handshake_does_not_hold_a_slot() {
+    let registry = Registry::start().await;
+    let relay_key = key(1);
+    let relay = RunningRelay::start(
+        &registry,
+        &relay_key,
+        |config| {
+            config.limits.handshake_timeout = Duration::from_millis(300);
+            config.limits.connections_per_ip = 1;
+        },
+        store_dir("slow"),
+    )
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(&relay.address.address).await.unwrap();
+    // While it holds the address's only slot, nobody else from it gets in.
+    let refused = Session::open(&relay.address, &key(2), None, None).await;
+    assert!(refused.is_err(), "the second connection from the address is refused");
+    // The relay drops the silent one at its handshake timeout...
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, silent.read(&mut byte)).await.unwrap();
+    assert!(matches!(read, Ok(0) | Err(_)), "the relay closed the silent connection");
+    // ...and the slot is free again (the count drops when the task ends).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if Session::open(&relay.address, &key(2), None, None).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the slot was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.shutdown().await;
+}
