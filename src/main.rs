@@ -3,6 +3,7 @@
 mod bench;
 mod db;
 mod demo;
+mod relay;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,6 +38,8 @@ enum Command {
     },
     /// Serve the registry and ledger web API.
     Registry(RegistryArgs),
+    /// Run a relay: carry clients' bytes and get paid for them.
+    Relay(relay::RelayArgs),
     /// Run the benchmarks and print their figures against same-run baselines.
     Bench(bench::BenchArgs),
 }
@@ -174,14 +177,11 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    // One line for scripts and tests to read the address from. A closed
-    // standard output must not stop a server, so write errors are ignored.
-    let _ = writeln!(
-        std::io::stdout(),
+    announce(&format!(
         "listening on http://{} (operator key {})",
         listener.local_addr()?,
         operator.public()
-    );
+    ));
     let state = ferry_api::AppState::new(
         ledger.clone(),
         ferry_api::RegistryConfig { operator: operator.public(), limits: args.limits.limits() },
@@ -192,8 +192,16 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
     served.context("serving the registry")
 }
 
+/// Prints one line for people, scripts and tests. A closed standard output
+/// must not stop a server, so write errors are ignored.
+pub(crate) fn announce(line: &str) {
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
+}
+
 /// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {
@@ -217,6 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo => demo::run().await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Registry(args) => registry(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Relay(args) => relay::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Ledger { command: LedgerCommand::Check { database, json } } => {
             let db = db::Database::open(database.database_url, &database.data_dir).await?;
             let ledger = Ledger::connect(db.options().clone(), LedgerConfig::default()).await?;
