@@ -39,7 +39,7 @@ enum Command {
     /// Serve the registry and ledger web API.
     Registry(RegistryArgs),
     /// Run a relay: carry clients' bytes and get paid for them.
-    Relay(relay::RelayArgs),
+    Relay(Box<relay::RelayArgs>),
     /// Run the benchmarks and print their figures against same-run baselines.
     Bench(bench::BenchArgs),
 }
@@ -225,7 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo => demo::run().await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Registry(args) => registry(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Relay(args) => relay::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Relay(args) => relay::run(*args).await.map(|()| ExitCode::SUCCESS),
         Command::Ledger { command: LedgerCommand::Check { database, json } } => {
             let db = db::Database::open(database.database_url, &database.data_dir).await?;
             let ledger = Ledger::connect(db.options().clone(), LedgerConfig::default()).await?;
