@@ -2,6 +2,7 @@
 //! checked to appear verbatim in the document, so the two cannot drift apart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use ferry_proto::wire::{Frame, transcript};
 use ferry_proto::{
     Amount, ChannelId, HomeRelays, RelayAdvert, SecretKey, SignedRequest, SignedVoucher, Voucher,
 };
@@ -36,6 +37,11 @@ fn vectors() -> Vec<(&'static str, String)> {
         direct_address: Some("203.0.113.7:4000".into()),
         issued_at_ms: 1_700_000_000_000,
     };
+    let (client_nonce, relay_nonce) = ([0x11u8; 32], [0x22u8; 32]);
+    let relay_transcript =
+        transcript(b'R', 1, &client.public(), &client_nonce, &relay.public(), &relay_nonce);
+    let client_transcript =
+        transcript(b'C', 1, &client.public(), &client_nonce, &relay.public(), &relay_nonce);
     vec![
         ("client seed", hex::encode([0x01; 32])),
         ("client public key", client.public().to_string()),
@@ -51,6 +57,11 @@ fn vectors() -> Vec<(&'static str, String)> {
         ("advert signature", advert.sign(&relay).signature.to_string()),
         ("home relays signing bytes", hex::encode(home.signing_bytes())),
         ("home relays signature", home.sign(&client).signature.to_string()),
+        ("handshake transcript, relay role", hex::encode(&relay_transcript)),
+        ("relay handshake signature", relay.sign(&relay_transcript).to_string()),
+        ("client handshake signature", client.sign(&client_transcript).to_string()),
+        ("Dial frame", hex::encode(Frame::Dial { peer: relay.public() }.encode())),
+        ("Voucher frame", hex::encode(Frame::Voucher(signed).encode())),
     ]
 }
 
@@ -81,6 +92,16 @@ fn vectors_are_stable() {
         "advert signature",
         "9ca12ab80c64709b788c6e72c27f5849ebf8202e238e33b2e909ff379491140a\
          54cf21137975b82d97be9f70263aa05143419ef903634369d0ade2f445fbb408",
+    );
+    expect(
+        "relay handshake signature",
+        "94afdea7b69239a97470cb5f383deb229650143ef8d745c89d98fbaa77066c4d\
+         62657aa0831a084ac6588f298c7bc84ff435121e0c70a32cb33b46113deaa70b",
+    );
+    expect(
+        "client handshake signature",
+        "69b9e46a4e2ea342b530cea33ae51b37e61c59b80aee72faac84bf0116a574b4\
+         ed8852fffb1ab0c0a8f3b636f67c1ae1600fbae3960442de429833d38be0ac0d",
     );
     expect(
         "home relays signature",
