@@ -61,6 +61,9 @@ struct RegistryArgs {
     /// How long a relay may still settle after a client asks to close, in seconds.
     #[arg(long, env = "FERRY_DISPUTE_WINDOW_SECS", default_value_t = 86_400)]
     dispute_window_secs: u64,
+    /// How often to probe every relay's address and handshake, in seconds (0: never).
+    #[arg(long, env = "FERRY_PROBE_INTERVAL_SECS", default_value_t = 60)]
+    probe_interval_secs: u64,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -184,7 +187,12 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
     ));
     let state = ferry_api::AppState::new(
         ledger.clone(),
-        ferry_api::RegistryConfig { operator: operator.public(), limits: args.limits.limits() },
+        ferry_api::RegistryConfig {
+            operator: operator.public(),
+            limits: args.limits.limits(),
+            probe_interval: (args.probe_interval_secs > 0)
+                .then(|| std::time::Duration::from_secs(args.probe_interval_secs)),
+        },
     );
     let served = ferry_api::serve(listener, state, shutdown_signal()).await;
     ledger.close().await;

@@ -26,6 +26,7 @@ mod limit;
 mod market;
 mod metrics;
 mod openapi;
+mod probe;
 mod relays;
 mod reputation;
 
@@ -52,6 +53,7 @@ const NONCE_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 pub use limit::{MAX_TRACKED_CLIENTS, Rate};
 pub use market::SNAPSHOT_MAX_AGE;
+pub use probe::{PROBE_CONCURRENCY, PROBE_TIMEOUT};
 
 /// The registry's bounds on what one request, address or key may cost.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +87,8 @@ pub struct RegistryConfig {
     pub operator: PublicKey,
     /// Bounds on requests.
     pub limits: Limits,
+    /// How often the registry probes every relay (none: never).
+    pub probe_interval: Option<Duration>,
 }
 
 /// What every handler shares.
@@ -159,9 +163,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let pruner = tokio::spawn(prune_nonces(state.clone()));
+    let prober =
+        state.config.probe_interval.map(|every| tokio::spawn(probe::run(state.clone(), every)));
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     pruner.abort();
+    if let Some(prober) = prober {
+        prober.abort();
+    }
     served
 }
 

@@ -34,7 +34,8 @@ macro_rules! select_relays {
     ($($rest:expr),+) => {
         concat!(
             "SELECT key_bytes, advert::text AS advert_text, issued_at_ms, region, first_seen, last_heartbeat, load_bytes_per_sec, sessions, ",
-            "uptime_24h, paid_volume_30d::text AS paid_volume_30d, paying_clients_30d, ",
+            "uptime_24h, reachability_24h, probe_rtt_ms, ",
+            "paid_volume_30d::text AS paid_volume_30d, paying_clients_30d, ",
             "settled_vouchers_30d, rejected_vouchers_30d, reputation, value_score, ",
             "price_per_byte::text AS price_text, ",
             is_live!(),
@@ -61,6 +62,12 @@ pub struct ReputationView {
     pub score: f64,
     /// Share of the last 24 hours' minutes with a heartbeat, smoothed.
     pub uptime_24h: f64,
+    /// Share of the registry's probes in the last 24 hours in which the
+    /// relay answered and proved its key, smoothed.
+    pub reachability_24h: f64,
+    /// Median round trip of the registry's successful probes in the last
+    /// 24 hours, in milliseconds; none before the first.
+    pub probe_rtt_ms: Option<f64>,
     /// Settled to the relay in the last 30 days.
     pub paid_volume_30d: Balance,
     /// Distinct clients who paid at least 0.01 in the last 30 days.
@@ -518,6 +525,8 @@ fn view(row: &PgRow) -> Result<RelayView, ApiError> {
         reputation: ReputationView {
             score: row.try_get("reputation")?,
             uptime_24h: row.try_get("uptime_24h")?,
+            reachability_24h: row.try_get("reachability_24h")?,
+            probe_rtt_ms: row.try_get("probe_rtt_ms")?,
             paid_volume_30d: paid.parse().map_err(|_| corrupt("paid_volume_30d"))?,
             paying_clients_30d: row.try_get("paying_clients_30d")?,
             settled_vouchers_30d: row.try_get("settled_vouchers_30d")?,

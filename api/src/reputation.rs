@@ -36,20 +36,28 @@ pub(crate) async fn recompute(pool: &PgPool, relay: &PublicKey) -> Result<(), sq
              FROM operations o, jsonb_array_elements(o.response) e \
              WHERE o.scope_key = $1 AND o.kind = 'settle' \
                AND o.created_at > now() - interval '30 days' \
+         ), probes AS ( \
+             SELECT count(*) FILTER (WHERE ok) AS ok, count(*) AS total, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY rtt_ms) FILTER (WHERE ok) AS rtt \
+             FROM relay_probes WHERE key_bytes = $1 AND at > now() - interval '24 hours' \
          ), parts AS ( \
              SELECT least(1, (up.minutes + 15) / (expected.minutes + 30)) AS uptime, \
+                    (probes.ok + 1)::float8 / (probes.total + 2) AS reachability, \
+                    probes.rtt, coalesce(1 / (1 + probes.rtt / 100), 0.5) AS latency_term, \
                     paid.volume, paid.clients, vouchers.settled, vouchers.rejected, \
                     1 - exp(-paid.clients::float8 / 5) AS clients_term, \
                     1 - exp(-paid.volume::float8 / 10) AS volume_term, \
                     vouchers.rejected::float8 / (vouchers.settled + vouchers.rejected + 10) AS reject_rate, \
                     1 - exp(-expected.age_days / 30) AS age_term \
-             FROM up, expected, paid, vouchers \
+             FROM up, expected, paid, vouchers, probes \
          ), scored AS ( \
-             SELECT *, least(1, greatest(0, 0.40 * uptime + 0.25 * clients_term + 0.15 * volume_term \
+             SELECT *, least(1, greatest(0, 0.35 * uptime * reachability + 0.05 * latency_term \
+                                         + 0.25 * clients_term + 0.15 * volume_term \
                                          + 0.10 * (1 - reject_rate) + 0.10 * age_term)) AS score \
              FROM parts \
          ) \
-         UPDATE relays SET uptime_24h = scored.uptime, paid_volume_30d = scored.volume, \
+         UPDATE relays SET uptime_24h = scored.uptime, reachability_24h = scored.reachability, \
+             probe_rtt_ms = scored.rtt, paid_volume_30d = scored.volume, \
              paying_clients_30d = scored.clients, settled_vouchers_30d = scored.settled, \
              rejected_vouchers_30d = scored.rejected, reputation = scored.score, \
              value_score = least(1, scored.score * 0.05 / (0.05 + price_per_byte::float8 * 1073741824)) \

@@ -39,12 +39,20 @@ struct Registry {
 
 impl Registry {
     async fn start() -> Registry {
+        Registry::start_probing(None).await
+    }
+
+    async fn start_probing(probe_interval: Option<Duration>) -> Registry {
         let options = ferry_ledger::testing::fresh_database().await.unwrap();
         let config = LedgerConfig { dispute_window: Duration::ZERO, ..LedgerConfig::default() };
         let ledger = Ledger::connect(options, config).await.unwrap();
         let state = AppState::new(
             ledger.clone(),
-            RegistryConfig { operator: operator().public(), limits: ApiLimits::default() },
+            RegistryConfig {
+                operator: operator().public(),
+                limits: ApiLimits::default(),
+                probe_interval,
+            },
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -436,4 +444,54 @@ async fn a_client_that_never_finishes_its_handshake_does_not_hold_a_slot() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_probes_relays_and_an_impostor_or_a_dead_relay_fails() {
+    let registry = Registry::start_probing(Some(Duration::from_millis(200))).await;
+    let (honest_key, impostor_key, dead_key) = (key(1), key(7), key(8));
+    let honest =
+        RunningRelay::start(&registry, &honest_key, |_| {}, store_dir("probe-honest")).await;
+    // An advertisement naming the honest relay's address under another key,
+    // and one naming an address where nothing listens.
+    let closed_port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    for (key, address) in
+        [(&impostor_key, honest.address.address.clone()), (&dead_key, closed_port.to_string())]
+    {
+        let advert = ferry_proto::RelayAdvert {
+            relay: key.public(),
+            address,
+            price_per_byte: PricePerByte::from_attos(1).unwrap(),
+            credit_window_bytes: 1024,
+            capacity_bytes_per_sec: 1024,
+            region: "test".into(),
+            protocol_version: ferry_proto::PROTOCOL_VERSION,
+            issued_at_ms: 1_700_000_000_000,
+        }
+        .sign(key);
+        registry.client(key).publish_advert(&advert).await.unwrap();
+    }
+    let reachability =
+        |view: &serde_json::Value| view["reputation"]["reachability_24h"].as_f64().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let detail = |key: &SecretKey| {
+            let url = format!("{}/v1/relays/{}", registry.base, key.public());
+            async move { reqwest::get(url).await.unwrap().json::<serde_json::Value>().await.unwrap() }
+        };
+        let (good, fake, dead) =
+            (detail(&honest_key).await, detail(&impostor_key).await, detail(&dead_key).await);
+        if reachability(&good) > 0.6 && reachability(&fake) < 0.4 && reachability(&dead) < 0.4 {
+            assert!(good["reputation"]["probe_rtt_ms"].as_f64().unwrap() >= 0.0);
+            assert!(fake["reputation"]["probe_rtt_ms"].is_null());
+            assert!(good["reputation"]["score"].as_f64() > fake["reputation"]["score"].as_f64());
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "probes never told them apart: {good} {fake}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    honest.shutdown().await;
 }

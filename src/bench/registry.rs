@@ -97,8 +97,10 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
     let off = Rate { per_sec: 0, burst: 0 };
     let limits = Limits { per_ip: off, per_key: off, ..Limits::default() };
     let operator = SecretKey::generate()?;
-    let state =
-        AppState::new(ledger.clone(), RegistryConfig { operator: operator.public(), limits });
+    let state = AppState::new(
+        ledger.clone(),
+        RegistryConfig { operator: operator.public(), limits, probe_interval: None },
+    );
     let registry = serve_registry(state).await?;
     let trivial = serve_trivial().await?;
     let http = reqwest::Client::builder()

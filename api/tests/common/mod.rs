@@ -52,8 +52,10 @@ impl Registry {
     async fn start_on_with(options: sqlx::postgres::PgConnectOptions, limits: Limits) -> Registry {
         let config = LedgerConfig { dispute_window: Duration::ZERO, ..LedgerConfig::default() };
         let ledger = Ledger::connect(options, config).await.unwrap();
-        let state =
-            AppState::new(ledger.clone(), RegistryConfig { operator: operator().public(), limits });
+        let state = AppState::new(
+            ledger.clone(),
+            RegistryConfig { operator: operator().public(), limits, probe_interval: None },
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
