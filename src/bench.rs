@@ -3,6 +3,7 @@
 
 mod ledger;
 mod registry;
+mod relay;
 
 use clap::{Args, ValueEnum};
 use ferry_ledger::IdempotencyKey;
@@ -16,6 +17,8 @@ pub enum Suite {
     Ledger,
     /// Registry listings against a trivial axum handler, and the settlement endpoint.
     Registry,
+    /// Relay throughput against a bare TCP proxy, payment CPU, idle sessions' memory.
+    Relay,
 }
 
 /// Options of `ferry bench`.
@@ -45,6 +48,12 @@ pub struct BenchArgs {
     /// Concurrent HTTP connections of the listing benchmark.
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
+    /// Bytes pushed through one tunnel per throughput run.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub tunnel_bytes: u64,
+    /// Idle authenticated sessions held open for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_sessions: usize,
 }
 
 /// Runs the chosen benchmarks and prints their reports.
@@ -55,6 +64,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if matches!(args.suite, Suite::All | Suite::Registry) {
         registry::run(&args).await?;
+    }
+    if matches!(args.suite, Suite::All | Suite::Relay) {
+        relay::run(&args).await?;
     }
     Ok(())
 }

@@ -63,6 +63,12 @@ pub struct RelayArgs {
     /// Seconds between heartbeats [default: 30].
     #[arg(long, env = "FERRY_RELAY_HEARTBEAT_INTERVAL_SECS")]
     pub heartbeat_interval_secs: Option<u64>,
+    /// Connections one IP address may hold at once [default: 256].
+    #[arg(long, env = "FERRY_RELAY_CONNECTIONS_PER_IP")]
+    pub connections_per_ip: Option<usize>,
+    /// Control sessions the relay holds at once [default: 100000].
+    #[arg(long, env = "FERRY_RELAY_MAX_SESSIONS")]
+    pub max_sessions: Option<usize>,
     /// Serve /metrics and /healthz on this address (off when absent).
     #[arg(long, env = "FERRY_RELAY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -93,6 +99,8 @@ impl RelayArgs {
             capacity_bytes_per_sec: self.capacity_bytes_per_sec.or(file.capacity_bytes_per_sec),
             settle_interval_secs: self.settle_interval_secs.or(file.settle_interval_secs),
             heartbeat_interval_secs: self.heartbeat_interval_secs.or(file.heartbeat_interval_secs),
+            connections_per_ip: self.connections_per_ip.or(file.connections_per_ip),
+            max_sessions: self.max_sessions.or(file.max_sessions),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
         })
     }
@@ -140,6 +148,12 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     }
     if let Some(seconds) = args.heartbeat_interval_secs {
         config.heartbeat_interval = Duration::from_secs(seconds.max(1));
+    }
+    if let Some(count) = args.connections_per_ip {
+        config.limits.connections_per_ip = count;
+    }
+    if let Some(count) = args.max_sessions {
+        config.limits.max_sessions = count;
     }
     let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from("ferry-relay-data"));
     let store = open_store(&data_dir)?;

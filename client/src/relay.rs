@@ -17,8 +17,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a dial waits for the relay to pair it (the relay's own pairing
 /// time is shorter; this bounds a relay that never answers).
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Session events waiting for the application; the session stops reading
-/// from the relay while this is full.
+/// Session events waiting for the application. While it is full the session
+/// stops reading from the relay, except that invoices are still paid and
+/// their events (and voucher results) dropped.
 pub const SESSION_EVENTS: usize = 256;
 /// Frames waiting to be written to the relay.
 const SESSION_OUTBOX: usize = 64;
@@ -308,6 +309,14 @@ async fn read_loop(
                 message: format!("unexpected {} from the relay", other.name()),
             },
         };
+        // Payment must never wait for the application: billing events are
+        // dropped when the application does not keep up with them.
+        if matches!(event, Event::Invoice { .. } | Event::VoucherResult { .. }) {
+            if let Err(mpsc::error::TrySendError::Closed(_)) = events.try_send(event) {
+                return;
+            }
+            continue;
+        }
         let last = matches!(event, Event::Closed { .. });
         if events.send(event).await.is_err() || last {
             return;

@@ -123,7 +123,8 @@ impl Meter {
         let mut state = self.lock();
         state.reserved_bytes = state.reserved_bytes.saturating_sub(reserved);
         state.carried_bytes += carried.min(reserved);
-        state.carried_bytes - state.invoiced_bytes >= (self.credit_window_bytes / 2).max(1)
+        self.price.attos() > 0
+            && state.carried_bytes - state.invoiced_bytes >= (self.credit_window_bytes / 2).max(1)
     }
 
     /// Waits up to `grace` for an allowance: true once there is one, false
@@ -143,7 +144,8 @@ impl Meter {
     /// The invoice to send now, if bytes were carried since the last one.
     pub fn invoice(&self) -> Option<Due> {
         let mut state = self.lock();
-        if state.carried_bytes == state.invoiced_bytes {
+        // A free relay bills nothing.
+        if self.price.attos() == 0 || state.carried_bytes == state.invoiced_bytes {
             return None;
         }
         state.invoiced_bytes = state.carried_bytes;
@@ -244,8 +246,10 @@ mod tests {
     }
 
     #[test]
-    fn a_free_relay_never_limits() {
+    fn a_free_relay_never_limits_nor_bills() {
         let meter = meter(0, 0);
         assert_eq!(meter.reserve(u64::MAX / 2), u64::MAX / 2);
+        assert!(!meter.commit(u64::MAX / 2, u64::MAX / 2));
+        assert_eq!(meter.invoice(), None);
     }
 }

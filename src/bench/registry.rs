@@ -45,14 +45,14 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 /// A server on 127.0.0.1:0 and the switch that stops it.
-struct Served {
-    base: String,
+pub(super) struct Served {
+    pub(super) base: String,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Served {
-    async fn stop(self) -> anyhow::Result<()> {
+    pub(super) async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
         tokio::time::timeout(Duration::from_secs(30), self.task)
             .await
@@ -61,7 +61,7 @@ impl Served {
     }
 }
 
-async fn serve_registry(state: AppState) -> anyhow::Result<Served> {
+pub(super) async fn serve_registry(state: AppState) -> anyhow::Result<Served> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = oneshot::channel::<()>();

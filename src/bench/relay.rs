@@ -1,0 +1,357 @@
+//! The relay against baselines in the same run: one tunnel's throughput with
+//! payment on, against a bare tokio TCP proxy and against the same relay
+//! with payment off (a free relay sends no invoices); the CPU share of
+//! payments from the process's CPU time per byte; and the resident memory of
+//! a `ferry relay` process per idle authenticated session.
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferry_api::{AppState, Limits, Rate, RegistryConfig};
+use ferry_client::RegistryClient;
+use ferry_client::relay::{self, Event, Payer, RelayAddress, Session};
+use ferry_ledger::embedded::EmbeddedOptions;
+use ferry_ledger::{Ledger, LedgerConfig};
+use ferry_proto::wire::ListenPolicy;
+use ferry_proto::{PricePerByte, SecretKey};
+use ferry_relay::{Relay, RelayConfig, VoucherStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+use super::registry::serve_registry;
+use super::{BenchArgs, idempotency};
+use crate::db::Database;
+
+/// The credit window of the paid runs (the goal is stated for it).
+const CREDIT_WINDOW_BYTES: u64 = 1 << 20;
+/// Bytes per write of the sender.
+const CHUNK: usize = 64 * 1024;
+/// Sessions opened at once while filling the relay with idle ones.
+const SESSION_CONCURRENCY: usize = 64;
+
+/// Runs the relay benchmark.
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.tunnel_bytes > 0 && args.idle_sessions > 0, "counts must be positive");
+    let db = Database::embedded(EmbeddedOptions::ephemeral("ferry-bench-relay-pg", true)?).await?;
+    let result = run_on(&db, args).await;
+    db.close().await?;
+    result
+}
+
+async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
+    println!("ferry bench: one relay tunnel against a bare tokio TCP proxy (same process)");
+    let ledger = Ledger::connect(db.options().clone(), LedgerConfig::default()).await?;
+    let off = Rate { per_sec: 0, burst: 0 };
+    let limits = Limits { per_ip: off, per_key: off, ..Limits::default() };
+    let operator = SecretKey::generate()?;
+    let state = AppState::new(
+        ledger.clone(),
+        RegistryConfig { operator: operator.public(), limits, probe_interval: None },
+    );
+    let registry = serve_registry(state).await?;
+    let scratch = std::env::temp_dir().join(format!("ferry-bench-relay-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+
+    let bytes = args.tunnel_bytes;
+    let mut rows = Vec::new();
+    for round in 1..=2 {
+        println!(
+            "▸ round {round}: {} MiB through a bare proxy, a free relay, a paid relay",
+            bytes >> 20
+        );
+        let proxy = bare_proxy_run(bytes).await.context("the bare proxy run")?;
+        let free = relay_run(&ledger, &registry.base, &scratch, bytes, false, round)
+            .await
+            .context("the free relay run")?;
+        let paid = relay_run(&ledger, &registry.base, &scratch, bytes, true, round)
+            .await
+            .context("the paid relay run")?;
+        rows.push((proxy, free, paid));
+    }
+
+    println!("▸ {} idle authenticated sessions on a `ferry relay` process", args.idle_sessions);
+    let (rss_before, rss_after) =
+        idle_sessions(&registry.base, &scratch, args.idle_sessions).await?;
+
+    let report = ledger.check().await?;
+    anyhow::ensure!(report.is_ok(), "ledger invariants violated: {:?}", report.violations);
+    registry.stop().await?;
+    ledger.close().await;
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    let mib_s = |run: &Run| bytes as f64 / run.seconds / f64::from(1 << 20);
+    println!("\n| measure | relay | baseline (same run) | ratio |");
+    println!("|---|---|---|---|");
+    for (round, (proxy, free, paid)) in rows.iter().enumerate() {
+        println!(
+            "| round {}: one tunnel, paid (1 MiB credit window) | {:.0} MiB/s | bare tokio proxy: {:.0} MiB/s | {:.2}× |",
+            round + 1,
+            mib_s(paid),
+            mib_s(proxy),
+            mib_s(paid) / mib_s(proxy)
+        );
+        println!(
+            "| round {}: one tunnel, free (no payment) | {:.0} MiB/s | bare tokio proxy: {:.0} MiB/s | {:.2}× |",
+            round + 1,
+            mib_s(free),
+            mib_s(proxy),
+            mib_s(free) / mib_s(proxy)
+        );
+        let share = (paid.cpu_seconds - free.cpu_seconds) / paid.cpu_seconds;
+        println!(
+            "| round {}: CPU share of payments (process CPU, paid vs free run) | {:.1} % | {} vouchers, {:.2} s vs {:.2} s CPU | |",
+            round + 1,
+            share * 100.0,
+            paid.vouchers,
+            paid.cpu_seconds,
+            free.cpu_seconds
+        );
+    }
+    let per_session = (rss_after.saturating_sub(rss_before)) as f64 / args.idle_sessions as f64;
+    println!(
+        "| resident memory per idle authenticated session (`ferry relay` process) | {:.1} KiB | RSS {} MiB → {} MiB | |",
+        per_session / 1024.0,
+        rss_before >> 20,
+        rss_after >> 20
+    );
+    println!("\nledger check after the run: all invariants hold ({} transfers)", report.transfers);
+    Ok(())
+}
+
+/// One throughput run: wall seconds, and this process's CPU seconds.
+struct Run {
+    seconds: f64,
+    cpu_seconds: f64,
+    vouchers: u64,
+}
+
+/// This process's user + system CPU time, from /proc/self/stat.
+fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").context("unexpected /proc/self/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // Linux reports these in clock ticks of 1/100 s.
+    Ok(ticks / 100.0)
+}
+
+/// Writes `bytes` into `sender` and waits until `count` reports them read.
+async fn push(
+    mut sender: TcpStream,
+    bytes: u64,
+    received: tokio::task::JoinHandle<std::io::Result<u64>>,
+) -> anyhow::Result<(f64, f64)> {
+    let chunk = vec![0x5au8; CHUNK];
+    let (cpu_start, started) = (cpu_seconds()?, Instant::now());
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        sender.write_all(&chunk[..n]).await.with_context(|| format!("sending, {left} bytes left"))?;
+        left -= n as u64;
+    }
+    sender.shutdown().await?;
+    let got = received.await??;
+    let elapsed = started.elapsed().as_secs_f64();
+    if got != bytes {
+        bail!("the receiver got {got} of {bytes} bytes");
+    }
+    Ok((elapsed, cpu_seconds()? - cpu_start))
+}
+
+fn count(mut stream: TcpStream) -> tokio::task::JoinHandle<std::io::Result<u64>> {
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        loop {
+            let n = stream.read(&mut buffer).await?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n as u64;
+        }
+    })
+}
+
+async fn bare_proxy_run(bytes: u64) -> anyhow::Result<Run> {
+    let sink = TcpListener::bind("127.0.0.1:0").await?;
+    let sink_address = sink.local_addr()?;
+    let proxy = TcpListener::bind("127.0.0.1:0").await?;
+    let proxy_address = proxy.local_addr()?;
+    tokio::spawn(async move {
+        let (mut inbound, _) = proxy.accept().await?;
+        let mut outbound = TcpStream::connect(sink_address).await?;
+        inbound.set_nodelay(true)?;
+        outbound.set_nodelay(true)?;
+        tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await?;
+        std::io::Result::Ok(())
+    });
+    let sender = TcpStream::connect(proxy_address).await?;
+    let (received, _) = sink.accept().await?;
+    let (seconds, cpu_seconds) = push(sender, bytes, count(received)).await?;
+    Ok(Run { seconds, cpu_seconds, vouchers: 0 })
+}
+
+async fn relay_run(
+    ledger: &Ledger,
+    registry: &str,
+    scratch: &std::path::Path,
+    bytes: u64,
+    paid: bool,
+    round: u32,
+) -> anyhow::Result<Run> {
+    let relay_key = SecretKey::generate()?;
+    let (caller, callee) = (SecretKey::generate()?, SecretKey::generate()?);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    // 1e-9 per byte: a GiB costs about 1.07.
+    let price =
+        if paid { PricePerByte::from_attos(1_000_000_000)? } else { PricePerByte::default() };
+    let mut config = RelayConfig::new(&address, "bench", price);
+    config.credit_window_bytes = CREDIT_WINDOW_BYTES;
+    let tag = format!("{round}-{paid}");
+    let store = VoucherStore::open(&scratch.join(format!("vouchers-{tag}.log")))?;
+    let http = RegistryClient::http()?;
+    let relay = Relay::new(
+        config,
+        relay_key.clone(),
+        RegistryClient::new(registry, relay_key.clone(), http),
+        store,
+    );
+    relay.register().await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = relay.clone();
+    tokio::spawn(async move {
+        serving
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let amount: ferry_proto::Amount = "100".parse()?;
+    ledger
+        .deposit(&idempotency(&format!("bench-deposit-{tag}"))?, &caller.public(), amount)
+        .await?;
+    let channel = ledger
+        .open_channel(
+            &idempotency(&format!("bench-open-{tag}"))?,
+            &caller.public(),
+            &relay_key.public(),
+            1,
+            amount,
+        )
+        .await?
+        .id;
+    let at = RelayAddress { address, key: relay_key.public() };
+    let mut listening = Session::open(&at, &callee, None, None).await?;
+    listening.listen(ListenPolicy::Open).await?;
+    let payer = Payer { channel, key: caller.clone() };
+    let mut paying = Session::open(&at, &caller, Some(channel), Some(payer)).await?;
+    let accepting = {
+        let (at, callee) = (at.clone(), callee.clone());
+        tokio::spawn(async move {
+            loop {
+                match listening.next_event().await {
+                    Some(Event::Incoming { tunnel, .. }) => {
+                        return relay::accept(&at, &callee, tunnel)
+                            .await
+                            .map_err(anyhow::Error::from);
+                    }
+                    Some(_) => continue,
+                    None => bail!("the listening session ended"),
+                }
+            }
+        })
+    };
+    let sender = relay::dial(&at, &caller, callee.public()).await?;
+    let received = accepting.await??;
+    let (seconds, cpu_seconds) = push(sender, bytes, count(received)).await?;
+    let vouchers = relay.metrics().vouchers_with("accepted");
+    let _ = stop.send(());
+    relay.shutdown(Duration::from_secs(30)).await;
+    // Drain the session's events so its tasks end.
+    drop(paying.close().await);
+    while tokio::time::timeout(Duration::from_millis(10), paying.next_event())
+        .await
+        .is_ok_and(|e| e.is_some())
+    {}
+    Ok(Run { seconds, cpu_seconds, vouchers })
+}
+
+/// A process's resident memory in bytes, from /proc/PID/status.
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kib * 1024)
+}
+
+/// Opens `count` idle listen-only sessions to a `ferry relay` child process
+/// and returns its resident memory before and after.
+async fn idle_sessions(
+    registry: &str,
+    scratch: &std::path::Path,
+    count: usize,
+) -> anyhow::Result<(u64, u64)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["relay", "--listen", "127.0.0.1:0", "--registry", registry])
+        .arg("--key")
+        .arg(scratch.join("idle-relay.key"))
+        .arg("--data-dir")
+        .arg(scratch.join("idle-relay"))
+        .args(["--connections-per-ip", &(count + 16).to_string()])
+        .args(["--max-sessions", &(count + 16).to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting ferry relay")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    })
+    .await??;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (Some(key), Some(address)) = (words.get(1), words.get(4)) else {
+        let _ = child.kill();
+        bail!("ferry relay printed no address: {line:?}");
+    };
+    let at = RelayAddress { address: (*address).to_owned(), key: key.parse()? };
+    let pid = child.id();
+    let before = rss_bytes(pid)?;
+    let mut sessions = Vec::with_capacity(count);
+    let mut opening = JoinSet::new();
+    for _ in 0..count {
+        if opening.len() >= SESSION_CONCURRENCY
+            && let Some(opened) = opening.join_next().await
+        {
+            sessions.push(opened??);
+        }
+        let at = at.clone();
+        opening.spawn(async move {
+            let me = SecretKey::generate()?;
+            anyhow::Ok(Session::open(&at, &me, None, None).await?)
+        });
+    }
+    while let Some(opened) = opening.join_next().await {
+        sessions.push(opened??);
+    }
+    // Let the relay settle its allocations before measuring.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes(pid)?;
+    drop(sessions);
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await;
+    Ok((before, after))
+}
