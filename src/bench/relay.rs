@@ -150,7 +150,10 @@ async fn push(
     let mut left = bytes;
     while left > 0 {
         let n = left.min(CHUNK as u64) as usize;
-        sender.write_all(&chunk[..n]).await.with_context(|| format!("sending, {left} bytes left"))?;
+        sender
+            .write_all(&chunk[..n])
+            .await
+            .with_context(|| format!("sending, {left} bytes left"))?;
         left -= n as u64;
     }
     sender.shutdown().await?;
