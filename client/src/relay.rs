@@ -113,8 +113,13 @@ pub async fn dial(
     me: &SecretKey,
     peer: PublicKey,
 ) -> Result<TcpStream, RelayError> {
-    let mut stream = connect(relay, me, Frame::Dial { peer }).await?;
-    match tokio::time::timeout(DIAL_TIMEOUT, read(&mut stream)).await {
+    let stream = connect(relay, me, Frame::Dial { peer }).await?;
+    connected(stream, DIAL_TIMEOUT).await
+}
+
+/// Waits (at most `limit`) for the relay to pair the tunnel.
+async fn connected(mut stream: TcpStream, limit: Duration) -> Result<TcpStream, RelayError> {
+    match tokio::time::timeout(limit, read(&mut stream)).await {
         Ok(Ok(Frame::Connected { .. })) => Ok(stream),
         Ok(Ok(other)) => Err(unexpected(other)),
         Ok(Err(error)) => Err(error),
@@ -129,13 +134,8 @@ pub async fn accept(
     me: &SecretKey,
     tunnel: u64,
 ) -> Result<TcpStream, RelayError> {
-    let mut stream = connect(relay, me, Frame::Accept { tunnel }).await?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, read(&mut stream)).await {
-        Ok(Ok(Frame::Connected { .. })) => Ok(stream),
-        Ok(Ok(other)) => Err(unexpected(other)),
-        Ok(Err(error)) => Err(error),
-        Err(_) => Err(RelayError::Timeout),
-    }
+    let stream = connect(relay, me, Frame::Accept { tunnel }).await?;
+    connected(stream, CONNECT_TIMEOUT).await
 }
 
 /// The terms a session opened on.

@@ -61,7 +61,18 @@ impl Served {
     }
 }
 
-pub(super) async fn serve_registry(state: AppState) -> anyhow::Result<Served> {
+/// A registry for benchmarks over `ledger`: all load comes from one address
+/// and few keys, so rate limits (which would measure themselves) are off;
+/// body and time limits stay, and the registry does not probe relays.
+pub(super) async fn bench_registry(ledger: &Ledger) -> anyhow::Result<Served> {
+    let off = Rate { per_sec: 0, burst: 0 };
+    let limits = Limits { per_ip: off, per_key: off, ..Limits::default() };
+    let operator = SecretKey::generate()?;
+    let config = RegistryConfig { operator: operator.public(), limits, probe_interval: None };
+    serve_registry(AppState::new(ledger.clone(), config)).await
+}
+
+async fn serve_registry(state: AppState) -> anyhow::Result<Served> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -92,16 +103,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
     println!("ferry bench: the registry API against a trivial axum handler (same process)");
     let config = LedgerConfig { max_connections: POOL_CONNECTIONS, ..LedgerConfig::default() };
     let ledger = Ledger::connect(db.options().clone(), config).await?;
-    // All load comes from one address and few keys: rate limits would
-    // measure themselves, so they are off. Body and time limits stay.
-    let off = Rate { per_sec: 0, burst: 0 };
-    let limits = Limits { per_ip: off, per_key: off, ..Limits::default() };
-    let operator = SecretKey::generate()?;
-    let state = AppState::new(
-        ledger.clone(),
-        RegistryConfig { operator: operator.public(), limits, probe_interval: None },
-    );
-    let registry = serve_registry(state).await?;
+    let registry = bench_registry(&ledger).await?;
     let trivial = serve_trivial().await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)

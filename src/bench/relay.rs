@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use ferry_api::{AppState, Limits, Rate, RegistryConfig};
 use ferry_client::RegistryClient;
 use ferry_client::relay::{self, Event, Payer, RelayAddress, Session};
 use ferry_ledger::embedded::EmbeddedOptions;
@@ -21,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::registry::serve_registry;
+use super::registry::bench_registry;
 use super::{BenchArgs, idempotency};
 use crate::db::Database;
 
@@ -44,14 +43,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
     println!("ferry bench: one relay tunnel against a bare tokio TCP proxy (same process)");
     let ledger = Ledger::connect(db.options().clone(), LedgerConfig::default()).await?;
-    let off = Rate { per_sec: 0, burst: 0 };
-    let limits = Limits { per_ip: off, per_key: off, ..Limits::default() };
-    let operator = SecretKey::generate()?;
-    let state = AppState::new(
-        ledger.clone(),
-        RegistryConfig { operator: operator.public(), limits, probe_interval: None },
-    );
-    let registry = serve_registry(state).await?;
+    let registry = bench_registry(&ledger).await?;
     let scratch = std::env::temp_dir().join(format!("ferry-bench-relay-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
 
