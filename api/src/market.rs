@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use ferry_proto::PricePerByte;
+use serde_json::value::RawValue;
 use sqlx::PgPool;
 
 use crate::ApiError;
@@ -38,14 +39,13 @@ pub(crate) struct Entry {
     /// advertisements only move forward.
     version: (Option<DateTime<Utc>>, u64),
     /// The relay's view, rendered.
-    pub(crate) json: Box<str>,
+    pub(crate) json: Box<RawValue>,
 }
 
 impl Entry {
     pub(crate) fn new(view: &RelayView) -> Result<Entry, ApiError> {
-        let json = serde_json::to_string(view)
-            .map_err(|_| ApiError::internal("rendering a relay view"))?
-            .into_boxed_str();
+        let json = serde_json::value::to_raw_value(view)
+            .map_err(|_| ApiError::internal("rendering a relay view"))?;
         Ok(Entry {
             key: view.key_bytes,
             price: view.price_per_byte,
@@ -68,7 +68,7 @@ impl Entry {
             region: String::new(),
             live: false,
             version: (None, 0),
-            json: Box::from(""),
+            json: RawValue::NULL.to_owned(),
         }
     }
 

@@ -8,7 +8,6 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use ferry_proto::{Amount, Balance, PricePerByte, PublicKey, SignedAdvert};
@@ -116,11 +115,12 @@ pub struct RelayView {
     pub(crate) issued_at_ms: u64,
 }
 
-/// A page of relays.
+/// A page of relays, built from the market snapshot's pre-rendered views.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct RelayPage {
+pub struct RelayPage<'a> {
     /// The relays, in the requested order.
-    pub relays: Vec<RelayView>,
+    #[schema(value_type = Vec<RelayView>)]
+    pub relays: Vec<&'a RawValue>,
     /// Pass as `cursor` for the next page; absent on the last page.
     pub next_cursor: Option<String>,
 }
@@ -362,22 +362,9 @@ pub async fn list(
         Some(last) if page.len() == limit as usize => Some(Cursor::encode(last, query.sort)),
         _ => None,
     };
-    // The page is assembled from the relays' pre-rendered JSON.
-    let mut body = String::with_capacity(64 + page.iter().map(|e| e.json.len() + 1).sum::<usize>());
-    body.push_str("{\"relays\":[");
-    for (index, entry) in page.iter().enumerate() {
-        if index > 0 {
-            body.push(',');
-        }
-        body.push_str(&entry.json);
-    }
-    body.push_str("],\"next_cursor\":");
-    match next_cursor {
-        Some(cursor) => body.push_str(&serde_json::Value::String(cursor).to_string()),
-        None => body.push_str("null"),
-    }
-    body.push('}');
-    Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
+    let relays = page.iter().map(|entry| &*entry.json).collect();
+    // Rendered here, while the snapshot the page borrows from is held.
+    Ok(Json(RelayPage { relays, next_cursor }).into_response())
 }
 
 /// `GET /v1/relays/{key}`: one relay, every reputation component, and its
