@@ -2,7 +2,7 @@
 //! load, and the optional load-aware price.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_client::RegistryError;
@@ -11,16 +11,15 @@ use ferry_proto::{PROTOCOL_VERSION, PricePerByte, RelayAdvert};
 use crate::config::PricingPolicy;
 use crate::server::{Shared, lock};
 
-/// The last advertisement's time: a new one must be strictly newer.
-static LAST_ISSUED_MS: AtomicU64 = AtomicU64::new(0);
-
 /// Signs and publishes the relay's advertisement at `price`; new sessions
 /// get that price from now on.
 pub(crate) async fn publish(shared: &Shared, price: PricePerByte) -> Result<(), RegistryError> {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let issued_at_ms = LAST_ISSUED_MS
+    // The registry keeps only a strictly newer advertisement.
+    let issued_at_ms = shared
+        .last_advert_ms
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| Some(now_ms.max(last + 1)))
         .map_or(now_ms, |last| now_ms.max(last + 1));
     let config = &shared.config;

@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     channels: Mutex<HashMap<ChannelId, (ChannelView, Instant)>>,
     price: Mutex<PricePerByte>,
+    /// When the last advertisement was issued, in ms since the Unix epoch.
+    pub(crate) last_advert_ms: AtomicU64,
     pub(crate) settled: settle::Settled,
     /// Set once when the relay shuts down; sessions and tunnels watch it.
     pub(crate) shutdown: watch::Sender<bool>,
@@ -83,6 +85,7 @@ impl Relay {
                 per_ip: Mutex::default(),
                 channels: Mutex::default(),
                 price: Mutex::new(price),
+                last_advert_ms: AtomicU64::new(0),
                 settled: settle::Settled::default(),
                 shutdown,
             }),

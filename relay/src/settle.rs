@@ -94,9 +94,9 @@ pub(crate) async fn final_round(shared: &Shared, deadline: Duration) -> SettleRe
 
 /// Submits every stored voucher newer than what was settled.
 pub(crate) async fn round(shared: &Shared) -> SettleReport {
-    let mut due: Vec<SignedVoucher> = shared
-        .store
-        .all_latest()
+    let latest = shared.store.all_latest();
+    let received: u128 = latest.iter().map(|v| v.voucher.cumulative.attos()).sum();
+    let mut due: Vec<SignedVoucher> = latest
         .into_iter()
         .filter(|v| v.voucher.sequence > shared.settled.sequence(&v.voucher.channel))
         .collect();
@@ -111,8 +111,6 @@ pub(crate) async fn round(shared: &Shared) -> SettleReport {
             }
         }
     }
-    let received: u128 =
-        shared.store.all_latest().iter().map(|v| v.voucher.cumulative.attos()).sum();
     let units = |attos: u128| attos as f64 / 1e18;
     shared.metrics.revenue(units(received), units(shared.settled.total()));
     report
