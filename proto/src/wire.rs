@@ -48,61 +48,99 @@ pub enum ListenPolicy {
     Allow(Vec<PublicKey>),
 }
 
-/// Why a dial did not become a tunnel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DialFailure {
-    /// No client with that key holds a session on this relay.
-    UnknownPeer = 1,
-    /// The peer refused, or its listen policy does not allow the caller.
-    Rejected = 2,
-    /// The caller has no session with an open, funded channel.
-    NotPaid = 3,
-    /// The relay is at its capacity, or the caller at its tunnel limit.
-    OverCapacity = 4,
-    /// The peer did not accept within the pairing time.
-    Timeout = 5,
+/// Defines a one-byte wire enum with its code table and a snake_case
+/// label (for metrics and logs), so each value is named in one place.
+macro_rules! wire_enum {
+    (
+        $(#[$meta:meta])*
+        $name:ident { $($(#[$variant_meta:meta])* $variant:ident = $code:literal => $label:literal,)+ }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$variant_meta])* $variant = $code,)+
+        }
+
+        impl $name {
+            /// Every value, in code order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The value with this wire code.
+            pub fn from_code(code: u8) -> Option<$name> {
+                match code {
+                    $($code => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+
+            /// The value's name in metrics and logs.
+            pub fn label(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+        }
+    };
 }
 
-/// What a relay did with a voucher.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VoucherVerdict {
-    /// Stored durably and counted.
-    Accepted = 0,
-    /// Not signed by the channel's client.
-    Forged = 1,
-    /// Its sequence is not above the last accepted one.
-    Replayed = 2,
-    /// Its cumulative amount is below the last accepted one.
-    Stale = 3,
-    /// For another channel than the session's.
-    WrongChannel = 4,
-    /// More than the channel's escrow.
-    OverEscrow = 5,
+wire_enum! {
+    /// Why a dial did not become a tunnel.
+    DialFailure {
+        /// No client with that key holds a session on this relay.
+        UnknownPeer = 1 => "unknown_peer",
+        /// The peer refused, or its listen policy does not allow the caller.
+        Rejected = 2 => "rejected",
+        /// The caller has no session with an open, funded channel.
+        NotPaid = 3 => "not_paid",
+        /// The relay is at its capacity, or the caller at its tunnel limit.
+        OverCapacity = 4 => "over_capacity",
+        /// The peer did not accept within the pairing time.
+        Timeout = 5 => "pairing_timeout",
+    }
 }
 
-/// Why a relay or a client ends a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// An orderly end.
-    Normal = 0,
-    /// The peer broke the protocol.
-    Protocol = 1,
-    /// The handshake failed.
-    Unauthenticated = 2,
-    /// The channel is unknown, not open, or not this client's to this relay.
-    BadChannel = 3,
-    /// No voucher came within the payment grace time.
-    NotPaid = 4,
-    /// Nothing came within the idle time.
-    Idle = 5,
-    /// A limit was reached (sessions, connections per IP).
-    Limit = 6,
-    /// The relay is shutting down.
-    Shutdown = 7,
-    /// Another session of the same key replaced this one.
-    Replaced = 8,
-    /// The relay could not check the channel (the registry is unreachable).
-    Unavailable = 9,
+wire_enum! {
+    /// What a relay did with a voucher.
+    VoucherVerdict {
+        /// Stored durably and counted.
+        Accepted = 0 => "accepted",
+        /// Not signed by the channel's client.
+        Forged = 1 => "forged",
+        /// Its sequence is not above the last accepted one.
+        Replayed = 2 => "replayed",
+        /// Its cumulative amount is below the last accepted one.
+        Stale = 3 => "stale",
+        /// For another channel than the session's.
+        WrongChannel = 4 => "wrong_channel",
+        /// More than the channel's escrow.
+        OverEscrow = 5 => "over_escrow",
+    }
+}
+
+wire_enum! {
+    /// Why a relay or a client ends a connection.
+    CloseReason {
+        /// An orderly end.
+        Normal = 0 => "normal",
+        /// The peer broke the protocol.
+        Protocol = 1 => "protocol",
+        /// The handshake failed.
+        Unauthenticated = 2 => "unauthenticated",
+        /// The channel is unknown, not open, or not this client's to this relay.
+        BadChannel = 3 => "bad_channel",
+        /// No voucher came within the payment grace time.
+        NotPaid = 4 => "not_paid",
+        /// Nothing came within the idle time.
+        Idle = 5 => "idle",
+        /// A limit was reached (sessions, connections per IP).
+        Limit = 6 => "limit",
+        /// The relay is shutting down.
+        Shutdown = 7 => "shutdown",
+        /// Another session of the same key replaced this one.
+        Replaced = 8 => "replaced",
+        /// The relay could not check the channel (the registry is unreachable).
+        Unavailable = 9 => "unavailable",
+    }
 }
 
 /// One frame of the relay protocol.
@@ -514,14 +552,8 @@ impl Frame {
             }
             kind::DIAL_FAILED => {
                 reader.name = "DialFailed";
-                let reason = match reader.u8()? {
-                    1 => DialFailure::UnknownPeer,
-                    2 => DialFailure::Rejected,
-                    3 => DialFailure::NotPaid,
-                    4 => DialFailure::OverCapacity,
-                    5 => DialFailure::Timeout,
-                    _ => return Err(reader.malformed()),
-                };
+                let reason =
+                    DialFailure::from_code(reader.u8()?).ok_or_else(|| reader.malformed())?;
                 Frame::DialFailed { reason }
             }
             kind::TUNNEL_CLOSED => {
@@ -544,15 +576,8 @@ impl Frame {
             kind::VOUCHER_RESULT => {
                 reader.name = "VoucherResult";
                 let sequence = reader.u64()?;
-                let verdict = match reader.u8()? {
-                    0 => VoucherVerdict::Accepted,
-                    1 => VoucherVerdict::Forged,
-                    2 => VoucherVerdict::Replayed,
-                    3 => VoucherVerdict::Stale,
-                    4 => VoucherVerdict::WrongChannel,
-                    5 => VoucherVerdict::OverEscrow,
-                    _ => return Err(reader.malformed()),
-                };
+                let verdict =
+                    VoucherVerdict::from_code(reader.u8()?).ok_or_else(|| reader.malformed())?;
                 Frame::VoucherResult { sequence, verdict }
             }
             kind::PING => {
@@ -629,19 +654,7 @@ impl<'a> Reader<'a> {
     }
 
     fn close_reason(&mut self) -> Result<CloseReason, FrameError> {
-        Ok(match self.u8()? {
-            0 => CloseReason::Normal,
-            1 => CloseReason::Protocol,
-            2 => CloseReason::Unauthenticated,
-            3 => CloseReason::BadChannel,
-            4 => CloseReason::NotPaid,
-            5 => CloseReason::Idle,
-            6 => CloseReason::Limit,
-            7 => CloseReason::Shutdown,
-            8 => CloseReason::Replaced,
-            9 => CloseReason::Unavailable,
-            _ => return Err(self.malformed()),
-        })
+        CloseReason::from_code(self.u8()?).ok_or_else(|| self.malformed())
     }
 
     fn key(&mut self) -> Result<PublicKey, FrameError> {
@@ -701,19 +714,6 @@ mod tests {
         SecretKey::from_seed(&[seed; 32]).public()
     }
 
-    const CLOSE_REASONS: [CloseReason; 10] = [
-        CloseReason::Normal,
-        CloseReason::Protocol,
-        CloseReason::Unauthenticated,
-        CloseReason::BadChannel,
-        CloseReason::NotPaid,
-        CloseReason::Idle,
-        CloseReason::Limit,
-        CloseReason::Shutdown,
-        CloseReason::Replaced,
-        CloseReason::Unavailable,
-    ];
-
     fn round_trip(frame: &Frame) -> Result<Frame, FrameError> {
         let bytes = frame.encode();
         let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
@@ -766,14 +766,8 @@ mod tests {
             any::<u64>().prop_map(|tunnel| Frame::Reject { tunnel }),
             (any::<u64>(), seed.clone())
                 .prop_map(|(t, s)| Frame::Connected { tunnel: t, peer: key(s) }),
-            prop_oneof![
-                Just(DialFailure::UnknownPeer),
-                Just(DialFailure::Rejected),
-                Just(DialFailure::NotPaid),
-                Just(DialFailure::OverCapacity),
-                Just(DialFailure::Timeout)
-            ]
-            .prop_map(|reason| Frame::DialFailed { reason }),
+            proptest::sample::select(DialFailure::ALL)
+                .prop_map(|reason| Frame::DialFailed { reason }),
             (bytes32, any::<u64>(), 0u128..=Amount::MAX.attos()).prop_map(|(c, b, d)| {
                 Frame::Invoice {
                     channel: ChannelId::from_bytes(c),
@@ -791,27 +785,14 @@ mod tests {
                     .sign(&SecretKey::from_seed(&[7; 32])),
                 )
             }),
-            (any::<u64>(), 0u8..6).prop_map(|(sequence, v)| Frame::VoucherResult {
-                sequence,
-                verdict: [
-                    VoucherVerdict::Accepted,
-                    VoucherVerdict::Forged,
-                    VoucherVerdict::Replayed,
-                    VoucherVerdict::Stale,
-                    VoucherVerdict::WrongChannel,
-                    VoucherVerdict::OverEscrow
-                ][usize::from(v)],
-            }),
-            (any::<u64>(), 0u8..10).prop_map(|(tunnel, r)| Frame::TunnelClosed {
-                tunnel,
-                reason: CLOSE_REASONS[usize::from(r)],
-            }),
+            (any::<u64>(), proptest::sample::select(VoucherVerdict::ALL))
+                .prop_map(|(sequence, verdict)| Frame::VoucherResult { sequence, verdict }),
+            (any::<u64>(), proptest::sample::select(CloseReason::ALL))
+                .prop_map(|(tunnel, reason)| Frame::TunnelClosed { tunnel, reason }),
             any::<u64>().prop_map(Frame::Ping),
             any::<u64>().prop_map(Frame::Pong),
-            (0u8..10, ".{0,100}").prop_map(|(r, message)| Frame::Close {
-                reason: CLOSE_REASONS[usize::from(r)],
-                message,
-            }),
+            (proptest::sample::select(CloseReason::ALL), ".{0,100}")
+                .prop_map(|(reason, message)| Frame::Close { reason, message }),
         ]
     }
 

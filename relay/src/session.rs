@@ -228,7 +228,7 @@ async fn read_loop(
             }
             Frame::Voucher(voucher) => {
                 let verdict = judge(shared, session, voucher).await;
-                shared.metrics.voucher(verdict_name(verdict));
+                shared.metrics.voucher(verdict.label());
                 Some(Frame::VoucherResult { sequence: voucher.voucher.sequence, verdict })
             }
             Frame::Ping(value) => Some(Frame::Pong(value)),
@@ -243,18 +243,6 @@ async fn read_loop(
                 return CloseReason::Protocol;
             }
         }
-    }
-}
-
-/// The metric label of a verdict.
-pub(crate) fn verdict_name(verdict: VoucherVerdict) -> &'static str {
-    match verdict {
-        VoucherVerdict::Accepted => "accepted",
-        VoucherVerdict::Forged => "forged",
-        VoucherVerdict::Replayed => "replayed",
-        VoucherVerdict::Stale => "stale",
-        VoucherVerdict::WrongChannel => "wrong_channel",
-        VoucherVerdict::OverEscrow => "over_escrow",
     }
 }
 

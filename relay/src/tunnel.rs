@@ -59,18 +59,8 @@ impl Drop for TunnelSlot<'_> {
     }
 }
 
-fn failure_name(reason: DialFailure) -> &'static str {
-    match reason {
-        DialFailure::UnknownPeer => "unknown_peer",
-        DialFailure::Rejected => "rejected",
-        DialFailure::NotPaid => "not_paid",
-        DialFailure::OverCapacity => "over_capacity",
-        DialFailure::Timeout => "pairing_timeout",
-    }
-}
-
 async fn fail(shared: &Shared, stream: &mut TcpStream, reason: DialFailure) {
-    shared.metrics.refused(failure_name(reason));
+    shared.metrics.refused(reason.label());
     let limit = shared.config.limits.handshake_timeout;
     let _ = tokio::time::timeout(limit, write_frame(stream, &Frame::DialFailed { reason })).await;
 }
