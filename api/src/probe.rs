@@ -63,7 +63,10 @@ async fn probe_all(state: &AppState, me: &SecretKey) -> Result<(), sqlx::Error> 
     let relays: Vec<(Vec<u8>, String)> =
         sqlx::query_as("SELECT key_bytes, address FROM relays").fetch_all(pool).await?;
     let mut tasks = JoinSet::new();
-    let mut results: Vec<(Vec<u8>, Option<f64>)> = Vec::with_capacity(relays.len());
+    // Each relay's key, parsed once (none for a row that is not a key, which
+    // validation at publication rules out), and its round trip if it answered.
+    type Probed = (Vec<u8>, Option<PublicKey>, Option<f64>);
+    let mut results: Vec<Probed> = Vec::with_capacity(relays.len());
     for (key_bytes, address) in relays {
         if tasks.len() >= PROBE_CONCURRENCY
             && let Some(Ok(result)) = tasks.join_next().await
@@ -72,14 +75,14 @@ async fn probe_all(state: &AppState, me: &SecretKey) -> Result<(), sqlx::Error> 
         }
         let me = me.clone();
         tasks.spawn(async move {
-            let expected = <[u8; 32]>::try_from(key_bytes.as_slice())
+            let relay = <[u8; 32]>::try_from(key_bytes.as_slice())
                 .ok()
                 .and_then(|bytes| PublicKey::from_bytes(&bytes).ok());
-            let rtt_ms = match expected {
-                Some(expected) => probe(&address, &expected, &me).await,
+            let rtt_ms = match &relay {
+                Some(relay) => probe(&address, relay, &me).await,
                 None => None,
             };
-            (key_bytes, rtt_ms)
+            (key_bytes, relay, rtt_ms)
         });
     }
     while let Some(joined) = tasks.join_next().await {
@@ -87,9 +90,9 @@ async fn probe_all(state: &AppState, me: &SecretKey) -> Result<(), sqlx::Error> 
             results.push(result);
         }
     }
-    let keys: Vec<Vec<u8>> = results.iter().map(|(key, _)| key.clone()).collect();
-    let oks: Vec<bool> = results.iter().map(|(_, rtt)| rtt.is_some()).collect();
-    let rtts: Vec<Option<f64>> = results.iter().map(|(_, rtt)| *rtt).collect();
+    let keys: Vec<&[u8]> = results.iter().map(|(key, _, _)| key.as_slice()).collect();
+    let oks: Vec<bool> = results.iter().map(|(_, _, rtt)| rtt.is_some()).collect();
+    let rtts: Vec<Option<f64>> = results.iter().map(|(_, _, rtt)| *rtt).collect();
     sqlx::query(
         "INSERT INTO relay_probes (key_bytes, ok, rtt_ms) \
          SELECT * FROM unnest($1::bytea[], $2::bool[], $3::float8[]) ON CONFLICT DO NOTHING",
@@ -104,12 +107,8 @@ async fn probe_all(state: &AppState, me: &SecretKey) -> Result<(), sqlx::Error> 
     )))
     .execute(pool)
     .await?;
-    for key in &keys {
-        if let Ok(bytes) = <[u8; 32]>::try_from(key.as_slice())
-            && let Ok(relay) = PublicKey::from_bytes(&bytes)
-        {
-            reputation::recompute(pool, &relay).await?;
-        }
+    for relay in results.iter().filter_map(|(_, relay, _)| relay.as_ref()) {
+        reputation::recompute(pool, relay).await?;
     }
     Ok(())
 }
