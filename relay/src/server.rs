@@ -104,14 +104,14 @@ impl Relay {
 
     /// The price new sessions get.
     pub fn price(&self) -> PricePerByte {
-        *lock(&self.shared.price)
+        self.shared.price()
     }
 
     /// Publishes the relay's advertisement, then keeps the registry
     /// informed: heartbeats, price changes, and settlement of stored
     /// vouchers, until [`Relay::shutdown`]. Call once.
     pub async fn register(&self) -> Result<(), RegistryError> {
-        market::publish(&self.shared, self.price()).await?;
+        market::publish(&self.shared, self.shared.price()).await?;
         tokio::spawn(market::run(Arc::clone(&self.shared)));
         tokio::spawn(settle::run(Arc::clone(&self.shared)));
         Ok(())
