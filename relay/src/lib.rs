@@ -22,4 +22,4 @@ pub use config::{Limits, PricingPolicy, RelayConfig};
 pub use metrics::Metrics;
 pub use server::Relay;
 pub use settle::SettleReport;
-pub use store::{STORE_QUEUE, StoreError, VoucherStore};
+pub use store::{STORE_QUEUE, StoreError, Stored, VoucherStore};

@@ -2,15 +2,22 @@
 //! file and synced to disk before it counts, so a relay killed at any moment
 //! still holds (and settles) every voucher it acknowledged.
 //!
-//! Appends are group-committed: one writer task takes every voucher queued
+//! Appends are group-committed: one writer thread takes every voucher queued
 //! while the previous sync ran, writes them together and syncs once, then
 //! acknowledges each. Only the newest voucher of a channel matters (amounts
 //! are cumulative), so the log is compacted to one voucher per channel when
 //! it is opened.
+//!
+//! The log is preallocated: zero-filled space is written (and synced) ahead
+//! of the records, so an append overwrites bytes already on disk and its
+//! `fdatasync` flushes data alone, with no file-size metadata to journal.
+//! That halves the sync on the machines we measured. Each record carries a
+//! checksum, so zeros and a torn record mark the end of the log.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +28,12 @@ use tokio::sync::{mpsc, oneshot};
 pub const STORE_QUEUE: usize = 4096;
 /// The most vouchers written by one sync.
 const MAX_GROUP: usize = 1024;
+/// Bytes of a record: a signed voucher, then the first bytes of its blake3
+/// hash.
+const RECORD_LEN: usize = SIGNED_VOUCHER_LEN + CHECKSUM_LEN;
+const CHECKSUM_LEN: usize = 8;
+/// The log grows by this much zero-filled space at a time (8,192 records).
+const PREALLOCATE_BYTES: u64 = 1 << 20;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +63,7 @@ pub struct VoucherStore {
 
 impl VoucherStore {
     /// Opens (or creates) the log at `path`, recovers its vouchers, compacts
-    /// it, and starts the writer task.
+    /// it, and starts the writer thread.
     pub fn open(path: &Path) -> Result<VoucherStore, StoreError> {
         let io = |source| StoreError::Io { path: path.to_owned(), source };
         let mut latest: HashMap<ChannelId, SignedVoucher> = HashMap::new();
@@ -58,43 +71,40 @@ impl VoucherStore {
             Ok(mut file) => {
                 let mut bytes = Vec::new();
                 file.read_to_end(&mut bytes).map_err(io)?;
-                // A torn last record (a crash mid-append, before its sync,
-                // so never acknowledged) is shorter than a record: dropped.
-                for record in bytes.chunks_exact(SIGNED_VOUCHER_LEN) {
-                    if let Ok(voucher) = SignedVoucher::decode(record) {
-                        let newer = latest
-                            .get(&voucher.voucher.channel)
-                            .is_none_or(|known| known.voucher.sequence < voucher.voucher.sequence);
-                        if newer {
-                            latest.insert(voucher.voucher.channel, voucher);
-                        }
+                // The first record that fails its checksum is preallocated
+                // zeros or a record torn by a crash mid-append (before its
+                // sync, so never acknowledged): the log ends there.
+                for record in bytes.chunks_exact(RECORD_LEN) {
+                    let Some(voucher) = parse_record(record) else { break };
+                    let newer = latest
+                        .get(&voucher.voucher.channel)
+                        .is_none_or(|known| known.voucher.sequence < voucher.voucher.sequence);
+                    if newer {
+                        latest.insert(voucher.voucher.channel, voucher);
                     }
                 }
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => return Err(io(error)),
         }
-        compact(path, &latest).map_err(io)?;
-        let file = OpenOptions::new().append(true).open(path).map_err(io)?;
+        let log = Log::compact(path, latest.values()).map_err(io)?;
         let (queue, appends) = mpsc::channel(STORE_QUEUE);
         let latest = Arc::new(Mutex::new(latest));
-        tokio::spawn(write_loop(file, appends, Arc::clone(&latest)));
+        let written = Arc::clone(&latest);
+        std::thread::Builder::new()
+            .name("ferry-voucher-log".into())
+            .spawn(move || write_loop(log, appends, written))
+            .map_err(io)?;
         Ok(VoucherStore { latest, queue, path: path.to_owned() })
     }
 
-    /// Appends `voucher` and returns once it is on disk. The caller has
-    /// checked it; from now on it counts.
-    pub async fn append(&self, voucher: SignedVoucher) -> Result<(), StoreError> {
+    /// Queues `voucher` for the disk; the caller has checked it, and it
+    /// counts once [`Stored::durable`] says it is synced. Waits while
+    /// [`STORE_QUEUE`] appends are queued.
+    pub async fn submit(&self, voucher: SignedVoucher) -> Result<Stored, StoreError> {
         let (done, written) = oneshot::channel();
         self.queue.send((voucher, done)).await.map_err(|_| StoreError::Closed)?;
-        match written.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(StoreError::Io {
-                path: self.path.clone(),
-                source: std::io::Error::other(message),
-            }),
-            Err(_) => Err(StoreError::Closed),
-        }
+        Ok(Stored { written, path: self.path.clone() })
     }
 
     /// The newest stored voucher of `channel`.
@@ -114,40 +124,115 @@ impl VoucherStore {
     }
 }
 
-/// Rewrites the log with one voucher per channel: to a temporary file,
-/// synced, then renamed over the log, so a crash leaves one or the other.
-fn compact(path: &Path, latest: &HashMap<ChannelId, SignedVoucher>) -> std::io::Result<()> {
-    let temporary = path.with_extension("compacting");
-    let mut file = File::create(&temporary)?;
-    for voucher in latest.values() {
-        file.write_all(&voucher.encode())?;
-    }
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+/// A voucher queued for the disk.
+#[derive(Debug)]
+pub struct Stored {
+    written: oneshot::Receiver<Result<(), String>>,
+    path: PathBuf,
 }
 
-async fn write_loop(
+impl Stored {
+    /// Waits until the voucher is synced to disk (or the write failed).
+    pub async fn durable(self) -> Result<(), StoreError> {
+        match self.written.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => {
+                Err(StoreError::Io { path: self.path, source: std::io::Error::other(message) })
+            }
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+}
+
+fn record(voucher: &SignedVoucher) -> [u8; RECORD_LEN] {
+    let mut record = [0u8; RECORD_LEN];
+    let (body, checksum) = record.split_at_mut(SIGNED_VOUCHER_LEN);
+    body.copy_from_slice(&voucher.encode());
+    checksum.copy_from_slice(&blake3::hash(body).as_bytes()[..CHECKSUM_LEN]);
+    record
+}
+
+fn parse_record(record: &[u8]) -> Option<SignedVoucher> {
+    let (body, checksum) = record.split_at_checked(SIGNED_VOUCHER_LEN)?;
+    if blake3::hash(body).as_bytes()[..CHECKSUM_LEN] != *checksum {
+        return None;
+    }
+    SignedVoucher::decode(body).ok()
+}
+
+/// The open log: records up to `written`, zeros up to `allocated`.
+struct Log {
     file: File,
+    written: u64,
+    allocated: u64,
+}
+
+impl Log {
+    /// Rewrites the log with `vouchers` (one per channel): to a temporary
+    /// file, preallocated and synced, then renamed over the log, so a crash
+    /// leaves one or the other.
+    fn compact<'a>(
+        path: &Path,
+        vouchers: impl Iterator<Item = &'a SignedVoucher>,
+    ) -> std::io::Result<Log> {
+        let temporary = path.with_extension("compacting");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temporary)?;
+        let records: Vec<u8> = vouchers.flat_map(record).collect();
+        let mut log = Log { file, written: 0, allocated: 0 };
+        log.append(&records)?;
+        std::fs::rename(&temporary, path)?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(log)
+    }
+
+    /// Writes `records` after the last and syncs them. Only when the
+    /// preallocated space runs out does the file grow, by whole
+    /// [`PREALLOCATE_BYTES`], and that sync includes the new size.
+    fn append(&mut self, records: &[u8]) -> std::io::Result<()> {
+        let end = self.written + records.len() as u64;
+        let grow = end > self.allocated || self.allocated == 0;
+        if grow {
+            let allocated = end.div_ceil(PREALLOCATE_BYTES).max(1) * PREALLOCATE_BYTES;
+            let zeros = vec![0u8; usize::try_from(allocated - self.allocated).unwrap_or(0)];
+            self.file.write_all_at(&zeros, self.allocated)?;
+            self.allocated = allocated;
+        }
+        self.file.write_all_at(records, self.written)?;
+        if grow {
+            self.file.sync_all()?
+        } else {
+            self.file.sync_data()?
+        }
+        self.written = end;
+        Ok(())
+    }
+}
+
+/// The writer: a thread of its own, so that a sync costs the vouchers
+/// waiting for it one thread wake-up rather than a trip through the
+/// runtime's blocking pool. It ends when every handle to the store is gone.
+fn write_loop(
+    mut log: Log,
     mut appends: mpsc::Receiver<Append>,
     latest: Arc<Mutex<HashMap<ChannelId, SignedVoucher>>>,
 ) {
-    let file = Arc::new(Mutex::new(file));
     let mut group = Vec::with_capacity(MAX_GROUP);
-    while appends.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let bytes: Vec<u8> = group.iter().flat_map(|(voucher, _)| voucher.encode()).collect();
-        let file = Arc::clone(&file);
-        let written = tokio::task::spawn_blocking(move || {
-            let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            file.write_all(&bytes)?;
-            file.sync_data()
-        })
-        .await
-        .map_err(|error| error.to_string())
-        .and_then(|result| result.map_err(|error| error.to_string()));
+    while let Some(first) = appends.blocking_recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP
+            && let Ok(next) = appends.try_recv()
+        {
+            group.push(next);
+        }
+        let records: Vec<u8> = group.iter().flat_map(|(voucher, _)| record(voucher)).collect();
+        let written = log.append(&records).map_err(|error| error.to_string());
         if written.is_ok() {
             let mut latest = latest.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             for (voucher, _) in &group {
@@ -179,6 +264,18 @@ mod tests {
         .sign(&SecretKey::from_seed(&[1; 32]))
     }
 
+    #[test]
+    fn a_damaged_record_ends_the_log() {
+        let good = record(&voucher(1, 7));
+        assert_eq!(parse_record(&good), Some(voucher(1, 7)));
+        assert_eq!(parse_record(&[0u8; RECORD_LEN]), None, "preallocated zeros");
+        for index in [0, SIGNED_VOUCHER_LEN - 1, RECORD_LEN - 1] {
+            let mut damaged = good;
+            damaged[index] ^= 1;
+            assert_eq!(parse_record(&damaged), None, "a flipped bit at {index}");
+        }
+    }
+
     #[tokio::test]
     async fn vouchers_survive_a_reopen_and_the_log_is_compacted() {
         let dir = std::env::temp_dir().join(format!("ferry-store-{}", std::process::id()));
@@ -189,9 +286,9 @@ mod tests {
         let appends: Vec<_> = (1..=50)
             .map(|sequence| {
                 let store = store.clone();
-                tokio::spawn(
-                    async move { store.append(voucher(sequence as u8 % 3, sequence)).await },
-                )
+                tokio::spawn(async move {
+                    store.submit(voucher(sequence as u8 % 3, sequence)).await?.durable().await
+                })
             })
             .collect();
         for append in appends {
@@ -199,9 +296,9 @@ mod tests {
         }
         assert_eq!(store.latest(&ChannelId::from_bytes([0; 32])).unwrap().voucher.sequence, 48);
         drop(store);
-        // A torn record at the end, as a crash mid-append leaves.
-        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(&voucher(0, 99).encode()[..50]).unwrap();
+        // A torn record after the last, as a crash mid-append leaves.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&record(&voucher(0, 99))[..50], 50 * RECORD_LEN as u64).unwrap();
         drop(file);
 
         let reopened = VoucherStore::open(&path).unwrap();
@@ -209,7 +306,9 @@ mod tests {
             reopened.all_latest().iter().map(|v| v.voucher.sequence).collect();
         sequences.sort_unstable();
         assert_eq!(sequences, [48, 49, 50]);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * SIGNED_VOUCHER_LEN as u64);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() as u64, PREALLOCATE_BYTES, "compacted into fresh zeros");
+        assert!(bytes[3 * RECORD_LEN..].iter().all(|&byte| byte == 0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
