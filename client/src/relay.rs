@@ -2,6 +2,7 @@
 //! protocol"): the handshake that proves both keys, a control session that
 //! listens, hears of tunnels and pays, and tunnels that dial or accept.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::wire::io::{read_frame, write_frame};
@@ -228,18 +229,20 @@ impl Session {
             Ok(Err(error)) => return Err(error),
             Err(_) => return Err(RelayError::Timeout),
         };
-        let (reader, mut writer) = stream.into_split();
+        let (reader, writer) = stream.into_split();
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let (outbox, mut outbox_rx) = mpsc::channel::<Frame>(SESSION_OUTBOX);
         let (events_tx, events) = mpsc::channel(SESSION_EVENTS);
+        let writing = Arc::clone(&writer);
         tokio::spawn(async move {
             while let Some(frame) = outbox_rx.recv().await {
                 let last = matches!(frame, Frame::Close { .. });
-                if write_frame(&mut writer, &frame).await.is_err() || last {
+                if write_frame(&mut *writing.lock().await, &frame).await.is_err() || last {
                     return;
                 }
             }
         });
-        tokio::spawn(read_loop(reader, outbox.clone(), events_tx, payer, terms.sequence));
+        tokio::spawn(read_loop(reader, writer, outbox.clone(), events_tx, payer, terms.sequence));
         Ok(Session { terms, outbox, events })
     }
 
@@ -275,6 +278,7 @@ impl Session {
 
 async fn read_loop(
     mut reader: tokio::net::tcp::OwnedReadHalf,
+    writer: Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
     outbox: mpsc::Sender<Frame>,
     events: mpsc::Sender<Event>,
     payer: Option<Payer>,
@@ -295,7 +299,9 @@ async fn read_loop(
                 if let Some(payer) = payer.as_ref().filter(|payer| payer.channel == channel) {
                     sequence += 1;
                     let voucher = Voucher { channel, sequence, cumulative: due }.sign(&payer.key);
-                    let _ = outbox.send(Frame::Voucher(voucher)).await;
+                    // Written here rather than queued: the relay's
+                    // tunnels may be waiting for it.
+                    let _ = write_frame(&mut *writer.lock().await, &Frame::Voucher(voucher)).await;
                 }
                 Event::Invoice { carried_bytes, due }
             }

@@ -15,9 +15,14 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use crate::meter::Meter;
 use crate::metrics::Held;
 use crate::server::{Refusal, Shared, lock};
+use crate::store::Stored;
 
 /// Frames waiting to be written to one session; a sender waits when full.
 pub const SESSION_OUTBOX: usize = 64;
+/// Checked vouchers of one session waiting for the disk. Vouchers are
+/// pipelined so that the next one is checked while the previous syncs; the
+/// session stops reading frames while this many wait.
+pub const VOUCHERS_IN_FLIGHT: usize = 8;
 
 /// One client's control session.
 #[derive(Debug)]
@@ -125,7 +130,16 @@ pub(crate) async fn run(
         None
     };
     let reason = if writer_task.is_some() {
-        read_loop(&shared, &mut reader, &session).await
+        let (acks, to_acknowledge) = mpsc::channel(VOUCHERS_IN_FLIGHT);
+        if let Some(meter) = &session.meter {
+            tokio::spawn(acknowledge_loop(
+                Arc::clone(&shared),
+                Arc::clone(&session),
+                Arc::clone(meter),
+                to_acknowledge,
+            ));
+        }
+        read_loop(&shared, &mut reader, &session, &acks).await
     } else {
         CloseReason::Protocol
     };
@@ -192,13 +206,21 @@ async fn write_bounded(shared: &Shared, writer: &mut OwnedWriteHalf, frame: &Fra
     matches!(tokio::time::timeout(limit, write_frame(writer, frame)).await, Ok(Ok(())))
 }
 
+/// A checked voucher on its way to the disk.
+type Acknowledge = (SignedVoucher, Stored);
+
 /// Reads the client's frames until the session ends; returns why.
 async fn read_loop(
     shared: &Shared,
     reader: &mut tokio::net::tcp::OwnedReadHalf,
     session: &Session,
+    acks: &mpsc::Sender<Acknowledge>,
 ) -> CloseReason {
     let silence_limit = shared.config.limits.keepalive_interval * 3;
+    let limit = shared.config.limits.keepalive_interval;
+    // The newest voucher that passed the checks, stored or still storing:
+    // replays are judged against it, not against what is already durable.
+    let mut newest = session.meter.as_ref().map_or((Amount::ZERO, 0), |meter| meter.paid());
     let mut closed = session.closed.subscribe();
     let mut shutdown = shared.shutdown.subscribe();
     if *shutdown.borrow() {
@@ -226,45 +248,64 @@ async fn read_loop(
                 crate::tunnel::reject(shared, &session.key, tunnel);
                 None
             }
-            Frame::Voucher(voucher) => {
-                let verdict = judge(shared, session, voucher).await;
-                shared.metrics.voucher(verdict.label());
-                Some(Frame::VoucherResult { sequence: voucher.voucher.sequence, verdict })
-            }
+            Frame::Voucher(voucher) => match judge(shared, session, &voucher, newest).await {
+                Ok(()) => {
+                    let stored = match shared.store.submit(voucher).await {
+                        Ok(stored) => stored,
+                        Err(error) => {
+                            tracing::error!(%error, "cannot store a voucher; ending the session");
+                            return CloseReason::Unavailable;
+                        }
+                    };
+                    newest = (voucher.voucher.cumulative, voucher.voucher.sequence);
+                    let ack = tokio::time::timeout(limit, acks.send((voucher, stored))).await;
+                    if !matches!(ack, Ok(Ok(()))) {
+                        return CloseReason::Protocol;
+                    }
+                    None
+                }
+                Err(verdict) => {
+                    shared.metrics.voucher(verdict.label());
+                    Some(Frame::VoucherResult { sequence: voucher.voucher.sequence, verdict })
+                }
+            },
             Frame::Ping(value) => Some(Frame::Pong(value)),
             Frame::Pong(_) => None,
             Frame::Close { .. } => return CloseReason::Normal,
             _ => return CloseReason::Protocol,
         };
-        if let Some(answer) = answer {
-            let limit = shared.config.limits.keepalive_interval;
-            if !matches!(tokio::time::timeout(limit, session.outbox.send(answer)).await, Ok(Ok(())))
-            {
-                return CloseReason::Protocol;
-            }
+        if let Some(answer) = answer
+            && !matches!(tokio::time::timeout(limit, session.outbox.send(answer)).await, Ok(Ok(())))
+        {
+            return CloseReason::Protocol;
         }
     }
 }
 
 /// Checks a voucher locally (no ledger call unless it exceeds the cached
-/// escrow), stores it durably, and only then counts it.
-async fn judge(shared: &Shared, session: &Session, voucher: SignedVoucher) -> VoucherVerdict {
+/// escrow) against the session's channel and the `newest` voucher that
+/// passed. A voucher that passes counts only once it is durable.
+async fn judge(
+    shared: &Shared,
+    session: &Session,
+    voucher: &SignedVoucher,
+    (newest_paid, newest_sequence): (Amount, u64),
+) -> Result<(), VoucherVerdict> {
     let Some(meter) = &session.meter else {
-        return VoucherVerdict::WrongChannel;
+        return Err(VoucherVerdict::WrongChannel);
     };
     let v = &voucher.voucher;
     if v.channel != meter.channel {
-        return VoucherVerdict::WrongChannel;
+        return Err(VoucherVerdict::WrongChannel);
     }
     if voucher.verify(&meter.client).is_err() {
-        return VoucherVerdict::Forged;
+        return Err(VoucherVerdict::Forged);
     }
-    let (paid, sequence) = meter.paid();
-    if v.sequence <= sequence {
-        return VoucherVerdict::Replayed;
+    if v.sequence <= newest_sequence {
+        return Err(VoucherVerdict::Replayed);
     }
-    if v.cumulative < paid {
-        return VoucherVerdict::Stale;
+    if v.cumulative < newest_paid {
+        return Err(VoucherVerdict::Stale);
     }
     let within_escrow = |fresh: bool| async move {
         match shared.channel(&meter.channel, fresh).await {
@@ -276,15 +317,36 @@ async fn judge(shared: &Shared, session: &Session, voucher: SignedVoucher) -> Vo
         }
     };
     if !within_escrow(false).await && !within_escrow(true).await {
-        return VoucherVerdict::OverEscrow;
+        return Err(VoucherVerdict::OverEscrow);
     }
-    if let Err(error) = shared.store.append(voucher).await {
-        tracing::error!(%error, "cannot store a voucher; ending the session");
-        session.close(CloseReason::Unavailable);
-        return VoucherVerdict::OverEscrow;
+    Ok(())
+}
+
+/// Counts each checked voucher, in order, once it is on disk, and answers
+/// the client. Ends when the session's reader drops its sender.
+async fn acknowledge_loop(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    meter: Arc<Meter>,
+    mut checked: mpsc::Receiver<Acknowledge>,
+) {
+    let limit = shared.config.limits.keepalive_interval;
+    while let Some((voucher, stored)) = checked.recv().await {
+        if let Err(error) = stored.durable().await {
+            tracing::error!(%error, "cannot store a voucher; ending the session");
+            session.close(CloseReason::Unavailable);
+            return;
+        }
+        let v = voucher.voucher;
+        meter.accept(v.cumulative, v.sequence);
+        let verdict = VoucherVerdict::Accepted;
+        shared.metrics.voucher(verdict.label());
+        let result = Frame::VoucherResult { sequence: v.sequence, verdict };
+        if !matches!(tokio::time::timeout(limit, session.outbox.send(result)).await, Ok(Ok(()))) {
+            session.close(CloseReason::Protocol);
+            return;
+        }
     }
-    meter.accept(v.cumulative, v.sequence);
-    VoucherVerdict::Accepted
 }
 
 /// Writes the session's frames: queued answers and notices, invoices when a

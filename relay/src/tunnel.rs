@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ferry_proto::PublicKey;
 use ferry_proto::wire::io::write_frame;
 use ferry_proto::wire::{CloseReason, DialFailure, Frame};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
@@ -227,6 +227,15 @@ impl Pump<'_> {
         let idle = self.shared.config.limits.tunnel_idle_timeout;
         let grace = self.shared.config.limits.payment_grace;
         loop {
+            // Bytes are reserved only once there is something to read, so
+            // a quiet direction holds none of the caller's window.
+            match tokio::time::timeout(idle, self.from.readable()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return CloseReason::Protocol,
+                // Quiet this way: idle only if the other way is too.
+                Err(_) if self.idle_for() >= idle => return CloseReason::Idle,
+                Err(_) => continue,
+            }
             let granted = self.meter.reserve(COPY_BUFFER as u64);
             if granted == 0 {
                 // The credit window is used: stop reading (backpressure),
@@ -239,20 +248,12 @@ impl Pump<'_> {
                 continue;
             }
             // COPY_BUFFER fits usize; granted ≤ COPY_BUFFER.
-            let window = &mut buffer[..granted as usize];
-            let read = loop {
-                match tokio::time::timeout(idle, self.from.read(window)).await {
-                    Ok(read) => break read,
-                    // Quiet this way: idle only if the other way is too.
-                    Err(_) if self.idle_for() >= idle => {
-                        self.meter.commit(granted, 0);
-                        return CloseReason::Idle;
-                    }
-                    Err(_) => continue,
-                }
-            };
-            let count = match read {
+            let count = match self.from.try_read(&mut buffer[..granted as usize]) {
                 Ok(count) => count,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.meter.commit(granted, 0);
+                    continue;
+                }
                 Err(_) => {
                     self.meter.commit(granted, 0);
                     return CloseReason::Protocol;
@@ -260,6 +261,11 @@ impl Pump<'_> {
             };
             if self.meter.commit(granted, count as u64) {
                 self.session.invoice_wanted.notify_one();
+                // The session's writer was woken on this thread, where it
+                // runs only when this task yields; a busy tunnel would
+                // otherwise carry on until its window is used up before
+                // the invoice even leaves.
+                tokio::task::yield_now().await;
             }
             if count == 0 {
                 // The sender finished: pass the half-close on.
@@ -275,6 +281,7 @@ impl Pump<'_> {
                 Err(_) => return CloseReason::Idle,
             }
             self.shared.metrics.carried(self.direction, count as u64);
+            tokio::task::yield_now().await;
         }
     }
 
