@@ -26,6 +26,9 @@ use crate::db::Database;
 
 /// The credit window of the paid runs (the goal is stated for it).
 const CREDIT_WINDOW_BYTES: u64 = 1 << 20;
+/// A wider window, to show how much of the paid gap is the payment round
+/// trip rather than the work of paying.
+const WIDE_CREDIT_WINDOW_BYTES: u64 = 4 << 20;
 /// Bytes per write of the sender.
 const CHUNK: usize = 64 * 1024;
 /// Sessions opened at once while filling the relay with idle ones.
@@ -51,17 +54,28 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for round in 1..=2 {
         println!(
-            "▸ round {round}: {} MiB through a bare proxy, a free relay, a paid relay",
+            "▸ round {round}: {} MiB through a bare proxy, a free relay, a paid relay (two windows)",
             bytes >> 20
         );
         let proxy = bare_proxy_run(bytes).await.context("the bare proxy run")?;
-        let free = relay_run(&ledger, &registry.base, &scratch, bytes, false, round)
+        let free = relay_run(&ledger, &registry.base, &scratch, bytes, None, round)
             .await
             .context("the free relay run")?;
-        let paid = relay_run(&ledger, &registry.base, &scratch, bytes, true, round)
-            .await
-            .context("the paid relay run")?;
-        rows.push((proxy, free, paid));
+        let paid =
+            relay_run(&ledger, &registry.base, &scratch, bytes, Some(CREDIT_WINDOW_BYTES), round)
+                .await
+                .context("the paid relay run")?;
+        let wide = relay_run(
+            &ledger,
+            &registry.base,
+            &scratch,
+            bytes,
+            Some(WIDE_CREDIT_WINDOW_BYTES),
+            round,
+        )
+        .await
+        .context("the paid relay run with a wide window")?;
+        rows.push((proxy, free, paid, wide));
     }
 
     println!("▸ {} idle authenticated sessions on a `ferry relay` process", args.idle_sessions);
@@ -77,13 +91,20 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
     let mib_s = |run: &Run| bytes as f64 / run.seconds / f64::from(1 << 20);
     println!("\n| measure | relay | baseline (same run) | ratio |");
     println!("|---|---|---|---|");
-    for (round, (proxy, free, paid)) in rows.iter().enumerate() {
+    for (round, (proxy, free, paid, wide)) in rows.iter().enumerate() {
         println!(
             "| round {}: one tunnel, paid (1 MiB credit window) | {:.0} MiB/s | bare tokio proxy: {:.0} MiB/s | {:.2}× |",
             round + 1,
             mib_s(paid),
             mib_s(proxy),
             mib_s(paid) / mib_s(proxy)
+        );
+        println!(
+            "| round {}: one tunnel, paid (4 MiB credit window) | {:.0} MiB/s | bare tokio proxy: {:.0} MiB/s | {:.2}× |",
+            round + 1,
+            mib_s(wide),
+            mib_s(proxy),
+            mib_s(wide) / mib_s(proxy)
         );
         println!(
             "| round {}: one tunnel, free (no payment) | {:.0} MiB/s | bare tokio proxy: {:.0} MiB/s | {:.2}× |",
@@ -195,7 +216,7 @@ async fn relay_run(
     registry: &str,
     scratch: &std::path::Path,
     bytes: u64,
-    paid: bool,
+    credit_window_bytes: Option<u64>,
     round: u32,
 ) -> anyhow::Result<Run> {
     let relay_key = SecretKey::generate()?;
@@ -203,11 +224,13 @@ async fn relay_run(
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?.to_string();
     // 1e-9 per byte: a GiB costs about 1.07.
-    let price =
-        if paid { PricePerByte::from_attos(1_000_000_000)? } else { PricePerByte::default() };
+    let price = match credit_window_bytes {
+        Some(_) => PricePerByte::from_attos(1_000_000_000)?,
+        None => PricePerByte::default(),
+    };
     let mut config = RelayConfig::new(&address, "bench", price);
-    config.credit_window_bytes = CREDIT_WINDOW_BYTES;
-    let tag = format!("{round}-{paid}");
+    config.credit_window_bytes = credit_window_bytes.unwrap_or(CREDIT_WINDOW_BYTES);
+    let tag = format!("{round}-{}", credit_window_bytes.unwrap_or(0));
     let store = VoucherStore::open(&scratch.join(format!("vouchers-{tag}.log")))?;
     let http = RegistryClient::http()?;
     let relay = Relay::new(
