@@ -3,9 +3,9 @@
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use ferry_ledger::{AccountRef, BalanceSummary, Statement, TransferReceipt};
+use ferry_ledger::{AccountRef, BalanceSummary, ChannelInfo, Statement, TransferReceipt};
 use ferry_proto::{Amount, PublicKey};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::Signed;
 use crate::error::ErrorBody;
@@ -60,6 +60,37 @@ pub async fn balance(
     let key = path_key(&key)?;
     signed.require(&key)?;
     Ok(Json(state.ledger.balance(&key).await?))
+}
+
+/// A key's channels.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChannelList {
+    /// The newest 1,000 channels where the key is the client or the relay,
+    /// newest first.
+    pub channels: Vec<ChannelInfo>,
+}
+
+/// `GET /v1/accounts/{key}/channels`: the key's channels, as client or
+/// relay.
+#[utoipa::path(
+    get,
+    path = "/v1/accounts/{key}/channels",
+    tag = "accounts",
+    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    responses(
+        (status = 200, description = "The newest 1,000 channels, newest first", body = ChannelList),
+        SignedErrors,
+    ),
+    security(("signed_request" = [])),
+)]
+pub async fn channels(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    signed: Signed,
+) -> Result<Json<ChannelList>, ApiError> {
+    let key = path_key(&key)?;
+    signed.require(&key)?;
+    Ok(Json(ChannelList { channels: state.ledger.channels_of(&key).await? }))
 }
 
 /// `GET /v1/accounts/{key}/statement`: a page of transfers, newest first.

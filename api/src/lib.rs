@@ -132,6 +132,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(metrics::render))
         .routes(routes!(accounts::balance))
         .routes(routes!(accounts::statement))
+        .routes(routes!(accounts::channels))
         .routes(routes!(accounts::deposit))
         .routes(routes!(accounts::withdraw))
         .routes(routes!(channels::open))

@@ -97,7 +97,7 @@ async fn the_openapi_document_describes_every_route_the_registry_serves() {
             );
         }
     }
-    assert_eq!(operations, 20, "every endpoint is documented");
+    assert_eq!(operations, 21, "every endpoint is documented");
     for schema in
         ["SignedAdvert", "SignedHomeRelays", "ChannelInfo", "SettlementOutcome", "ErrorBody"]
     {
@@ -210,6 +210,21 @@ async fn a_channel_lives_through_the_api() {
     assert_eq!(status, StatusCode::OK, "{statement}");
     assert_eq!(statement["entries"].as_array().unwrap().len(), 2);
     assert!(statement["next_before"].is_number());
+
+    for owner in [&client, &relay] {
+        let path = format!("/v1/accounts/{}/channels", owner.public());
+        let (status, listed) = Call::new("GET", &path, None).send(&registry.base, owner).await;
+        assert_eq!(status, StatusCode::OK, "{listed}");
+        let channels = listed["channels"].as_array().unwrap();
+        assert_eq!(channels.len(), 1);
+        assert_eq!(
+            (channels[0]["id"].as_str(), channels[0]["state"].as_str()),
+            (Some(id.to_string().as_str()), Some("closed"))
+        );
+    }
+    let path = format!("/v1/accounts/{}/channels", client.public());
+    let (status, _) = Call::new("GET", &path, None).send(&registry.base, &key(9)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "another key's channels are private");
 
     let (status, withdrawn) = Call::new(
         "POST",

@@ -21,6 +21,8 @@ use crate::postings::{Postings, parse_db};
 pub const MAX_SETTLEMENT_BATCH: usize = 10_000;
 /// The most entries one statement page may hold.
 pub const MAX_STATEMENT_PAGE: u32 = 1_000;
+/// The most channels [`Ledger::channels_of`] lists.
+pub const MAX_CHANNELS_LISTED: u32 = 1_000;
 /// The longest dispute window the ledger accepts: one year.
 pub const MAX_DISPUTE_WINDOW: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 
@@ -346,12 +348,14 @@ impl Ledger {
         load_channel(&mut *self.pool.acquire().await?, channel, false).await?.into_info()
     }
 
-    /// The channels where `key` is the client or the relay, newest first.
+    /// The newest [`MAX_CHANNELS_LISTED`] channels where `key` is the
+    /// client or the relay, newest first.
     pub async fn channels_of(&self, key: &PublicKey) -> Result<Vec<ChannelInfo>, LedgerError> {
         let rows = sqlx::query(select_channels!(
-            "WHERE c.client_key = $1 OR c.relay_key = $1 ORDER BY c.opened_at DESC, c.id"
+            "WHERE c.client_key = $1 OR c.relay_key = $1 ORDER BY c.opened_at DESC, c.id LIMIT $2"
         ))
         .bind(key.as_bytes().as_slice())
+        .bind(i64::from(MAX_CHANNELS_LISTED))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|row| ChannelRow::from_row(row)?.into_info()).collect()

@@ -31,7 +31,8 @@ pub mod testing;
 pub use check::{CheckReport, Violation};
 pub use error::LedgerError;
 pub use ledger::{
-    Ledger, LedgerConfig, MAX_DISPUTE_WINDOW, MAX_SETTLEMENT_BATCH, MAX_STATEMENT_PAGE,
+    Ledger, LedgerConfig, MAX_CHANNELS_LISTED, MAX_DISPUTE_WINDOW, MAX_SETTLEMENT_BATCH,
+    MAX_STATEMENT_PAGE,
 };
 pub use model::{
     AccountKind, AccountRef, BalanceSummary, ChannelInfo, ChannelState, IdempotencyKey,
