@@ -8,5 +8,6 @@
 
 mod registry;
 pub mod relay;
+pub mod select;
 
 pub use registry::{ChannelView, REQUEST_TIMEOUT, RegistryClient, RegistryError};

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_proto::{
     Amount, ChannelId, KEY_HEADER, NONCE_HEADER, PublicKey, SIGNATURE_HEADER, SecretKey,
-    SignedAdvert, SignedRequest, SignedVoucher, TIMESTAMP_HEADER,
+    SignedAdvert, SignedHomeRelays, SignedRequest, SignedVoucher, TIMESTAMP_HEADER,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -57,6 +57,10 @@ pub struct ChannelView {
     pub settled: Amount,
     /// What went back to the client at the close.
     pub refunded: Amount,
+    /// What is still in escrow: deposited less settled and refunded.
+    pub escrow: Amount,
+    /// The client's nonce, which tells its channels to one relay apart.
+    pub nonce: u64,
     /// The newest settled voucher's sequence.
     pub last_sequence: u64,
 }
@@ -162,13 +166,98 @@ impl RegistryClient {
     /// A channel this client is the client or the relay of.
     pub async fn channel(&self, id: &ChannelId) -> Result<ChannelView, RegistryError> {
         let value = self.signed(Method::GET, &format!("/v1/channels/{id}"), None, None).await?;
-        serde_json::from_value(value).map_err(|error| RegistryError::Unexpected(error.to_string()))
+        parse(value)
+    }
+
+    /// This key's newest channels, as client or relay, newest first.
+    pub async fn channels(&self) -> Result<Vec<ChannelView>, RegistryError> {
+        let path = format!("/v1/accounts/{}/channels", self.key.public());
+        let mut value = self.signed(Method::GET, &path, None, None).await?;
+        parse(value["channels"].take())
+    }
+
+    /// Opens a channel to `relay` with `amount` in escrow. `nonce` tells
+    /// this client's channels to one relay apart; retrying with the same
+    /// one opens nothing twice.
+    pub async fn open_channel(
+        &self,
+        relay: &PublicKey,
+        nonce: u64,
+        amount: Amount,
+    ) -> Result<ChannelView, RegistryError> {
+        let body = json!({ "relay": relay, "nonce": nonce, "amount": amount });
+        let idempotency = format!("open-{nonce}");
+        parse(self.signed(Method::POST, "/v1/channels", Some(&body), Some(&idempotency)).await?)
+    }
+
+    /// Adds `amount` to a channel's escrow; `idempotency_key` names this
+    /// top-up for retries.
+    pub async fn top_up(
+        &self,
+        id: &ChannelId,
+        amount: Amount,
+        idempotency_key: &str,
+    ) -> Result<ChannelView, RegistryError> {
+        let path = format!("/v1/channels/{id}/top-ups");
+        let body = json!({ "amount": amount });
+        parse(self.signed(Method::POST, &path, Some(&body), Some(idempotency_key)).await?)
+    }
+
+    /// Asks to close a channel: the relay settles its newest voucher and the
+    /// rest comes back at the close (at once if the relay closes it, else
+    /// after the dispute window, by [`RegistryClient::finalize`]).
+    pub async fn request_close(&self, id: &ChannelId) -> Result<ChannelView, RegistryError> {
+        let path = format!("/v1/channels/{id}/close-request");
+        parse(self.signed(Method::POST, &path, None, Some(&format!("close-{id}"))).await?)
+    }
+
+    /// Closes a channel whose dispute window has passed and refunds the rest.
+    pub async fn finalize(&self, id: &ChannelId) -> Result<ChannelView, RegistryError> {
+        let path = format!("/v1/channels/{id}/finalize");
+        parse(self.signed(Method::POST, &path, None, Some(&format!("finalize-{id}"))).await?)
+    }
+
+    /// This key's money at a glance: available, in escrow, earned.
+    pub async fn balance(&self) -> Result<Value, RegistryError> {
+        let path = format!("/v1/accounts/{}", self.key.public());
+        self.signed(Method::GET, &path, None, None).await
+    }
+
+    /// A page of this key's transfers, newest first.
+    pub async fn statement(&self, limit: u32) -> Result<Value, RegistryError> {
+        let path = format!("/v1/accounts/{}/statement?limit={limit}", self.key.public());
+        self.signed(Method::GET, &path, None, None).await
+    }
+
+    /// Credits `amount` to `holder`: only the registry's operator may.
+    pub async fn deposit(
+        &self,
+        holder: &PublicKey,
+        amount: Amount,
+        idempotency_key: &str,
+    ) -> Result<Value, RegistryError> {
+        let path = format!("/v1/accounts/{holder}/deposits");
+        let body = json!({ "amount": amount });
+        self.signed(Method::POST, &path, Some(&body), Some(idempotency_key)).await
+    }
+
+    /// Publishes the relays this client listens on.
+    pub async fn publish_home_relays(
+        &self,
+        home: &SignedHomeRelays,
+    ) -> Result<Value, RegistryError> {
+        let path = format!("/v1/clients/{}/home-relays", self.key.public());
+        self.signed(Method::PUT, &path, Some(&json!(home)), None).await
     }
 
     /// The key this client signs with.
     pub fn key(&self) -> &SecretKey {
         &self.key
     }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, RegistryError> {
+    serde_json::from_value(value).map_err(|error| RegistryError::Unexpected(error.to_string()))
 }
 
 async fn answer(response: reqwest::Response) -> Result<Value, RegistryError> {

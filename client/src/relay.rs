@@ -74,6 +74,31 @@ async fn read(stream: &mut TcpStream) -> Result<Frame, RelayError> {
     read_frame(stream).await.map_err(|error| RelayError::Protocol(error.to_string()))
 }
 
+/// Connects and runs the relay's half of the handshake: the relay must
+/// prove `relay.key`. Returns the stream, the version and both nonces.
+async fn hello(
+    relay: &RelayAddress,
+    me: &SecretKey,
+) -> Result<(TcpStream, u16, [u8; 32], [u8; 32]), RelayError> {
+    let mut stream = TcpStream::connect(&relay.address).await?;
+    stream.set_nodelay(true)?;
+    let mut nonce = [0u8; 32];
+    getrandom::fill(&mut nonce)
+        .map_err(|error| RelayError::Protocol(format!("no randomness: {error}")))?;
+    let client = me.public();
+    write_frame(&mut stream, &Frame::ClientHello { version: WIRE_VERSION, client, nonce }).await?;
+    match read(&mut stream).await? {
+        Frame::RelayHello { version, relay: key, nonce: relay_nonce, signature } => {
+            let signed = transcript(b'R', version, &client, &nonce, &key, &relay_nonce);
+            if key != relay.key || key.verify(&signed, &signature).is_err() {
+                return Err(RelayError::Impostor);
+            }
+            Ok((stream, version, nonce, relay_nonce))
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
 /// Connects, runs the handshake as `me`, and sends `first`.
 async fn connect(
     relay: &RelayAddress,
@@ -81,30 +106,26 @@ async fn connect(
     first: Frame,
 ) -> Result<TcpStream, RelayError> {
     let handshake = async {
-        let mut stream = TcpStream::connect(&relay.address).await?;
-        stream.set_nodelay(true)?;
-        let mut nonce = [0u8; 32];
-        getrandom::fill(&mut nonce)
-            .map_err(|error| RelayError::Protocol(format!("no randomness: {error}")))?;
-        let client = me.public();
-        write_frame(&mut stream, &Frame::ClientHello { version: WIRE_VERSION, client, nonce })
-            .await?;
-        let (version, relay_nonce) = match read(&mut stream).await? {
-            Frame::RelayHello { version, relay: key, nonce: relay_nonce, signature } => {
-                let signed = transcript(b'R', version, &client, &nonce, &key, &relay_nonce);
-                if key != relay.key || key.verify(&signed, &signature).is_err() {
-                    return Err(RelayError::Impostor);
-                }
-                (version, relay_nonce)
-            }
-            other => return Err(unexpected(other)),
-        };
-        let signed = transcript(b'C', version, &client, &nonce, &relay.key, &relay_nonce);
+        let (mut stream, version, nonce, relay_nonce) = hello(relay, me).await?;
+        let signed = transcript(b'C', version, &me.public(), &nonce, &relay.key, &relay_nonce);
         write_frame(&mut stream, &Frame::ClientAuth { signature: me.sign(&signed) }).await?;
         write_frame(&mut stream, &first).await?;
         Ok(stream)
     };
     tokio::time::timeout(CONNECT_TIMEOUT, handshake).await.map_err(|_| RelayError::Timeout)?
+}
+
+/// Measures the round trip to a relay: the time to connect and for the
+/// relay to prove its key (two round trips), within `limit`. The
+/// connection is then dropped.
+pub async fn probe(
+    relay: &RelayAddress,
+    me: &SecretKey,
+    limit: Duration,
+) -> Result<Duration, RelayError> {
+    let started = std::time::Instant::now();
+    tokio::time::timeout(limit, hello(relay, me)).await.map_err(|_| RelayError::Timeout)??;
+    Ok(started.elapsed())
 }
 
 /// Opens a tunnel to `peer` through `relay`: once the peer accepts, the
