@@ -2,7 +2,10 @@
 //! protocol"): the handshake that proves both keys, a control session that
 //! listens, hears of tunnels and pays, and tunnels that dial or accept.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ferry_proto::wire::io::{read_frame, write_frame};
@@ -10,6 +13,7 @@ use ferry_proto::wire::{
     CloseReason, DialFailure, Frame, ListenPolicy, VoucherVerdict, WIRE_VERSION, transcript,
 };
 use ferry_proto::{Amount, ChannelId, PricePerByte, PublicKey, SecretKey, SignedVoucher, Voucher};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -189,6 +193,9 @@ pub enum Event {
         carried_bytes: u64,
         /// The cumulative amount due.
         due: Amount,
+        /// The voucher the payer answered with, if it paid: none when this
+        /// client has not yet counted the bytes billed.
+        voucher: Option<Voucher>,
     },
     /// What the relay did with a voucher.
     VoucherResult {
@@ -196,6 +203,15 @@ pub enum Event {
         sequence: u64,
         /// The verdict.
         verdict: VoucherVerdict,
+    },
+    /// The relay billed more bytes than this client's tunnels carried plus
+    /// the credit window, which an honest relay cannot do. The session was
+    /// closed and nothing was paid for the claim.
+    Overcharged {
+        /// The bytes the relay claimed to have carried.
+        claimed_bytes: u64,
+        /// The bytes this client's tunnels counted.
+        counted_bytes: u64,
     },
     /// A tunnel of this client ended early.
     TunnelClosed {
@@ -213,7 +229,8 @@ pub enum Event {
     },
 }
 
-/// Pays invoices automatically with vouchers from `key` on `channel`.
+/// Pays invoices automatically with vouchers from `key` on `channel`, for
+/// at most the bytes this client's own tunnels counted.
 #[derive(Debug, Clone)]
 pub struct Payer {
     /// The channel.
@@ -222,11 +239,19 @@ pub struct Payer {
     pub key: SecretKey,
 }
 
+/// Bytes carried by a session's tunnels, both ways, as this client counts
+/// them.
+#[derive(Debug, Default)]
+struct Tally(AtomicU64);
+
 /// A control session with a relay.
 #[derive(Debug)]
 pub struct Session {
     /// The terms the relay opened the session on.
     pub terms: SessionTerms,
+    relay: RelayAddress,
+    me: SecretKey,
+    tally: Arc<Tally>,
     outbox: mpsc::Sender<Frame>,
     events: mpsc::Receiver<Event>,
 }
@@ -234,7 +259,8 @@ pub struct Session {
 impl Session {
     /// Opens a control session as `me`, paying through `channel` (none: the
     /// session may listen but not dial). With a `payer`, every invoice is
-    /// answered with a voucher for the amount due.
+    /// answered with a voucher for the amount due, up to what this
+    /// session's tunnels counted (see [`Session::dial`]).
     pub async fn open(
         relay: &RelayAddress,
         me: &SecretKey,
@@ -263,8 +289,18 @@ impl Session {
                 }
             }
         });
-        tokio::spawn(read_loop(reader, writer, outbox.clone(), events_tx, payer, terms.sequence));
-        Ok(Session { terms, outbox, events })
+        let tally = Arc::new(Tally::default());
+        let billing = Billing { payer, terms, tally: Arc::clone(&tally) };
+        tokio::spawn(read_loop(reader, writer, outbox.clone(), events_tx, billing));
+        Ok(Session { terms, relay: relay.clone(), me: me.clone(), tally, outbox, events })
+    }
+
+    /// Opens a tunnel to `peer`, paid by this session: the stream counts
+    /// the bytes it carries both ways, and the session's payer pays for no
+    /// more than that count.
+    pub async fn dial(&self, peer: PublicKey) -> Result<Tunnel, RelayError> {
+        let stream = dial(&self.relay, &self.me, peer).await?;
+        Ok(Tunnel { stream, tally: Arc::clone(&self.tally) })
     }
 
     async fn send(&self, frame: Frame) -> Result<(), RelayError> {
@@ -297,14 +333,54 @@ impl Session {
     }
 }
 
+/// What a session needs to check and pay invoices.
+struct Billing {
+    payer: Option<Payer>,
+    terms: SessionTerms,
+    tally: Arc<Tally>,
+}
+
+/// What to do with an invoice.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// Pay this cumulative amount.
+    Pay(Amount),
+    /// Nothing more to pay yet: the bytes billed beyond the last voucher
+    /// are not (yet) counted here.
+    Wait,
+    /// The claim exceeds what an honest relay could have carried.
+    Refuse,
+}
+
+impl Billing {
+    /// Checks an invoice for `carried_bytes` due `due` against this
+    /// client's count, with `paid` the newest voucher's amount. The relay
+    /// carries at most `paid bytes + credit window`, and this client pays
+    /// for no more than it counted, so an honest claim never exceeds
+    /// `counted + credit window`. Within that, the client pays the due
+    /// amount but never more than its own count is worth.
+    fn answer(&self, carried_bytes: u64, due: Amount, paid: Amount) -> Answer {
+        let counted = self.tally.0.load(Ordering::Relaxed);
+        let terms = &self.terms;
+        if carried_bytes > counted.saturating_add(terms.credit_window_bytes) {
+            return Answer::Refuse;
+        }
+        let owed = ferry_proto::cost(counted.min(carried_bytes), terms.price_per_byte)
+            .and_then(|cost| terms.paid.checked_add(cost));
+        let Ok(owed) = owed else { return Answer::Refuse };
+        let amount = due.min(owed);
+        if amount > paid { Answer::Pay(amount) } else { Answer::Wait }
+    }
+}
+
 async fn read_loop(
     mut reader: tokio::net::tcp::OwnedReadHalf,
     writer: Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
     outbox: mpsc::Sender<Frame>,
     events: mpsc::Sender<Event>,
-    payer: Option<Payer>,
-    mut sequence: u64,
+    billing: Billing,
 ) {
+    let (mut paid, mut sequence) = (billing.terms.paid, billing.terms.sequence);
     loop {
         let event = match read_frame(&mut reader).await {
             Err(error) => {
@@ -317,14 +393,44 @@ async fn read_loop(
             Ok(Frame::Pong(_)) => continue,
             Ok(Frame::Incoming { tunnel, caller }) => Event::Incoming { tunnel, caller },
             Ok(Frame::Invoice { channel, carried_bytes, due }) => {
-                if let Some(payer) = payer.as_ref().filter(|payer| payer.channel == channel) {
-                    sequence += 1;
-                    let voucher = Voucher { channel, sequence, cumulative: due }.sign(&payer.key);
-                    // Written here rather than queued: the relay's
-                    // tunnels may be waiting for it.
-                    let _ = write_frame(&mut *writer.lock().await, &Frame::Voucher(voucher)).await;
+                let payer = billing.payer.as_ref().filter(|payer| payer.channel == channel);
+                let mut answered = None;
+                match payer.map(|payer| (payer, billing.answer(carried_bytes, due, paid))) {
+                    Some((_, Answer::Refuse)) => {
+                        let counted_bytes = billing.tally.0.load(Ordering::Relaxed);
+                        tracing::warn!(carried_bytes, counted_bytes, "the relay overcharged");
+                        let close = Frame::Close {
+                            reason: CloseReason::Protocol,
+                            message: "the invoice claims more than was carried".into(),
+                        };
+                        let _ = write_frame(&mut *writer.lock().await, &close).await;
+                        let _ = events
+                            .send(Event::Overcharged {
+                                claimed_bytes: carried_bytes,
+                                counted_bytes,
+                            })
+                            .await;
+                        let _ = events
+                            .send(Event::Closed {
+                                reason: CloseReason::Protocol,
+                                message: "this client refused an overcharging relay".into(),
+                            })
+                            .await;
+                        return;
+                    }
+                    Some((payer, Answer::Pay(amount))) => {
+                        sequence += 1;
+                        paid = amount;
+                        let voucher = Voucher { channel, sequence, cumulative: amount };
+                        // Written here rather than queued: the relay's
+                        // tunnels may be waiting for it.
+                        let frame = Frame::Voucher(voucher.sign(&payer.key));
+                        let _ = write_frame(&mut *writer.lock().await, &frame).await;
+                        answered = Some(voucher);
+                    }
+                    Some((_, Answer::Wait)) | None => {}
                 }
-                Event::Invoice { carried_bytes, due }
+                Event::Invoice { carried_bytes, due, voucher: answered }
             }
             Ok(Frame::VoucherResult { sequence, verdict }) => {
                 Event::VoucherResult { sequence, verdict }
@@ -348,5 +454,106 @@ async fn read_loop(
         if events.send(event).await.is_err() || last {
             return;
         }
+    }
+}
+
+/// A tunnel dialled through a paying session: raw bytes to and from the
+/// peer, counted for checking the relay's invoices.
+#[derive(Debug)]
+pub struct Tunnel {
+    stream: TcpStream,
+    tally: Arc<Tally>,
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        self.tally.0.fetch_add(read, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if let Poll::Ready(Ok(written)) = polled {
+            self.tally.0.fetch_add(written as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn billing(counted: u64) -> Billing {
+        let tally = Arc::new(Tally::default());
+        tally.0.store(counted, Ordering::Relaxed);
+        let terms = SessionTerms {
+            price_per_byte: PricePerByte::from_attos(10).unwrap(),
+            credit_window_bytes: 1000,
+            paid: Amount::from_attos(5_000).unwrap(),
+            sequence: 3,
+        };
+        Billing { payer: None, terms, tally }
+    }
+
+    fn attos(value: u128) -> Amount {
+        Amount::from_attos(value).unwrap()
+    }
+
+    #[test]
+    fn an_honest_invoice_is_paid_but_never_beyond_the_clients_count() {
+        let base = 5_000;
+        // Counted as much as billed: pay the due amount.
+        assert_eq!(
+            billing(400).answer(400, attos(base + 4_000), attos(base)),
+            Answer::Pay(attos(base + 4_000))
+        );
+        // Bytes still on their way here: pay for what was counted.
+        assert_eq!(
+            billing(300).answer(400, attos(base + 4_000), attos(base)),
+            Answer::Pay(attos(base + 3_000))
+        );
+        // Already paid for everything counted: wait for the count to grow.
+        assert_eq!(
+            billing(300).answer(400, attos(base + 4_000), attos(base + 3_000)),
+            Answer::Wait
+        );
+        // A due below the count's worth is paid as billed.
+        assert_eq!(
+            billing(900).answer(400, attos(base + 4_000), attos(base)),
+            Answer::Pay(attos(base + 4_000))
+        );
+    }
+
+    #[test]
+    fn a_claim_beyond_the_count_and_the_credit_window_is_refused() {
+        let base = 5_000;
+        assert_eq!(
+            billing(300).answer(1_300, attos(base + 13_000), attos(base)),
+            Answer::Pay(attos(base + 3_000))
+        );
+        assert_eq!(billing(300).answer(1_301, attos(base + 13_010), attos(base)), Answer::Refuse);
+        assert_eq!(billing(0).answer(u64::MAX, Amount::ZERO, attos(base)), Answer::Refuse);
     }
 }

@@ -141,16 +141,21 @@ impl Meter {
         tokio::time::timeout(grace, notified).await.is_ok() && self.allowance(&self.lock()) > 0
     }
 
-    /// The invoice to send now, if bytes were carried since the last one.
+    /// The invoice to send now: when bytes were carried since the last
+    /// one, or the last one is not fully paid (a reminder: a client pays
+    /// only for the bytes it has counted, which may lag the relay's count).
     pub fn invoice(&self) -> Option<Due> {
         let mut state = self.lock();
         // A free relay bills nothing.
-        if self.price.attos() == 0 || state.carried_bytes == state.invoiced_bytes {
+        if self.price.attos() == 0 {
+            return None;
+        }
+        let carried = cost(state.carried_bytes, self.price).ok()?;
+        let amount = state.base.checked_add(carried).ok()?;
+        if state.carried_bytes == state.invoiced_bytes && state.paid >= amount {
             return None;
         }
         state.invoiced_bytes = state.carried_bytes;
-        let carried = cost(state.carried_bytes, self.price).ok()?;
-        let amount = state.base.checked_add(carried).ok()?;
         Some(Due { carried_bytes: state.carried_bytes, amount })
     }
 
@@ -211,8 +216,9 @@ mod tests {
         assert!(meter.commit(1000, 1000), "half the window is uninvoiced");
         let due = meter.invoice().unwrap();
         assert_eq!(due, Due { carried_bytes: 1000, amount: Amount::from_attos(15_000).unwrap() });
-        assert_eq!(meter.invoice(), None, "nothing new to invoice");
+        assert_eq!(meter.invoice(), Some(due), "a reminder while unpaid");
         meter.accept(due.amount, 4);
+        assert_eq!(meter.invoice(), None, "nothing new to invoice");
         assert_eq!(meter.reserve(5000), 1000, "paid 1000 bytes: another window's worth");
         meter.commit(1000, 1000);
         // Replays and decreases change nothing.

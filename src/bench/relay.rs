@@ -154,7 +154,7 @@ fn cpu_seconds() -> anyhow::Result<f64> {
 
 /// Writes `bytes` into `sender` and waits until `count` reports them read.
 async fn push(
-    mut sender: TcpStream,
+    mut sender: impl tokio::io::AsyncWrite + Unpin,
     bytes: u64,
     received: tokio::task::JoinHandle<std::io::Result<u64>>,
 ) -> anyhow::Result<(f64, f64)> {
@@ -284,7 +284,7 @@ async fn relay_run(
             }
         })
     };
-    let sender = relay::dial(&at, &caller, callee.public()).await?;
+    let sender = paying.dial(callee.public()).await?;
     let received = accepting.await??;
     let (seconds, cpu_seconds) = push(sender, bytes, count(received)).await?;
     let vouchers = relay.metrics().vouchers_with("accepted");
