@@ -9,5 +9,6 @@
 mod registry;
 pub mod relay;
 pub mod select;
+pub mod wallet;
 
 pub use registry::{ChannelView, REQUEST_TIMEOUT, RegistryClient, RegistryError};

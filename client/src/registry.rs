@@ -208,13 +208,13 @@ impl RegistryClient {
     /// after the dispute window, by [`RegistryClient::finalize`]).
     pub async fn request_close(&self, id: &ChannelId) -> Result<ChannelView, RegistryError> {
         let path = format!("/v1/channels/{id}/close-request");
-        parse(self.signed(Method::POST, &path, None, Some(&format!("close-{id}"))).await?)
+        parse(self.signed(Method::POST, &path, None, Some(&operation("close", id))).await?)
     }
 
     /// Closes a channel whose dispute window has passed and refunds the rest.
     pub async fn finalize(&self, id: &ChannelId) -> Result<ChannelView, RegistryError> {
         let path = format!("/v1/channels/{id}/finalize");
-        parse(self.signed(Method::POST, &path, None, Some(&format!("finalize-{id}"))).await?)
+        parse(self.signed(Method::POST, &path, None, Some(&operation("finalize", id))).await?)
     }
 
     /// This key's money at a glance: available, in escrow, earned.
@@ -254,6 +254,13 @@ impl RegistryClient {
     pub fn key(&self) -> &SecretKey {
         &self.key
     }
+}
+
+/// An idempotency key for a one-time operation on a channel: within the
+/// 64 characters allowed, 128 bits of the channel id are plenty.
+fn operation(name: &str, channel: &ChannelId) -> String {
+    let id = channel.to_string();
+    format!("{name}-{}", &id[..32.min(id.len())])
 }
 
 fn parse<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, RegistryError> {
