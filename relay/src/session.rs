@@ -130,16 +130,19 @@ pub(crate) async fn run(
         None
     };
     let reason = if writer_task.is_some() {
-        let (acks, to_acknowledge) = mpsc::channel(VOUCHERS_IN_FLIGHT);
-        if let Some(meter) = &session.meter {
+        // Only a paying session acknowledges vouchers; a listen-only one
+        // (most sessions) has no queue nor task for them.
+        let acks = session.meter.as_ref().map(|meter| {
+            let (acks, to_acknowledge) = mpsc::channel(VOUCHERS_IN_FLIGHT);
             tokio::spawn(acknowledge_loop(
                 Arc::clone(&shared),
                 Arc::clone(&session),
                 Arc::clone(meter),
                 to_acknowledge,
             ));
-        }
-        read_loop(&shared, &mut reader, &session, &acks).await
+            acks
+        });
+        read_loop(&shared, &mut reader, &session, acks.as_ref()).await
     } else {
         CloseReason::Protocol
     };
@@ -214,7 +217,7 @@ async fn read_loop(
     shared: &Shared,
     reader: &mut tokio::net::tcp::OwnedReadHalf,
     session: &Session,
-    acks: &mpsc::Sender<Acknowledge>,
+    acks: Option<&mpsc::Sender<Acknowledge>>,
 ) -> CloseReason {
     let silence_limit = shared.config.limits.keepalive_interval * 3;
     let limit = shared.config.limits.keepalive_interval;
@@ -248,27 +251,34 @@ async fn read_loop(
                 crate::tunnel::reject(shared, &session.key, tunnel);
                 None
             }
-            Frame::Voucher(voucher) => match judge(shared, session, &voucher, newest).await {
-                Ok(()) => {
-                    let stored = match shared.store.submit(voucher).await {
-                        Ok(stored) => stored,
-                        Err(error) => {
-                            tracing::error!(%error, "cannot store a voucher; ending the session");
-                            return CloseReason::Unavailable;
+            Frame::Voucher(voucher) => {
+                // judge refuses a session without a meter, which has no acks.
+                let judged = match acks {
+                    Some(acks) => judge(shared, session, &voucher, newest).await.map(|()| acks),
+                    None => Err(VoucherVerdict::WrongChannel),
+                };
+                match judged {
+                    Ok(acks) => {
+                        let stored = match shared.store.submit(voucher).await {
+                            Ok(stored) => stored,
+                            Err(error) => {
+                                tracing::error!(%error, "cannot store a voucher; ending the session");
+                                return CloseReason::Unavailable;
+                            }
+                        };
+                        newest = (voucher.voucher.cumulative, voucher.voucher.sequence);
+                        let ack = tokio::time::timeout(limit, acks.send((voucher, stored))).await;
+                        if !matches!(ack, Ok(Ok(()))) {
+                            return CloseReason::Protocol;
                         }
-                    };
-                    newest = (voucher.voucher.cumulative, voucher.voucher.sequence);
-                    let ack = tokio::time::timeout(limit, acks.send((voucher, stored))).await;
-                    if !matches!(ack, Ok(Ok(()))) {
-                        return CloseReason::Protocol;
+                        None
                     }
-                    None
+                    Err(verdict) => {
+                        shared.metrics.voucher(verdict.label());
+                        Some(Frame::VoucherResult { sequence: voucher.voucher.sequence, verdict })
+                    }
                 }
-                Err(verdict) => {
-                    shared.metrics.voucher(verdict.label());
-                    Some(Frame::VoucherResult { sequence: voucher.voucher.sequence, verdict })
-                }
-            },
+            }
             Frame::Ping(value) => Some(Frame::Pong(value)),
             Frame::Pong(_) => None,
             Frame::Close { .. } => return CloseReason::Normal,
