@@ -256,11 +256,16 @@ impl RegistryClient {
     }
 }
 
-/// An idempotency key for a one-time operation on a channel: within the
-/// 64 characters allowed, 128 bits of the channel id are plenty.
+/// The first `digits` hex digits of a channel id, to name an operation on
+/// the channel within the 64 characters an idempotency key may have.
+pub(crate) fn id_prefix(channel: &ChannelId, digits: usize) -> String {
+    channel.to_string().chars().take(digits).collect()
+}
+
+/// An idempotency key for a one-time operation on a channel: 128 bits of
+/// the channel id are plenty.
 fn operation(name: &str, channel: &ChannelId) -> String {
-    let id = channel.to_string();
-    format!("{name}-{}", &id[..32.min(id.len())])
+    format!("{name}-{}", id_prefix(channel, 32))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, RegistryError> {

@@ -348,8 +348,12 @@ enum Answer {
     /// Nothing more to pay yet: the bytes billed beyond the last voucher
     /// are not (yet) counted here.
     Wait,
-    /// The claim exceeds what an honest relay could have carried.
-    Refuse,
+    /// The claim exceeds what an honest relay could have carried, given
+    /// the bytes this client counted.
+    Refuse {
+        /// The count the claim was checked against.
+        counted_bytes: u64,
+    },
 }
 
 impl Billing {
@@ -363,11 +367,11 @@ impl Billing {
         let counted = self.tally.0.load(Ordering::Relaxed);
         let terms = &self.terms;
         if carried_bytes > counted.saturating_add(terms.credit_window_bytes) {
-            return Answer::Refuse;
+            return Answer::Refuse { counted_bytes: counted };
         }
         let owed = ferry_proto::cost(counted.min(carried_bytes), terms.price_per_byte)
             .and_then(|cost| terms.paid.checked_add(cost));
-        let Ok(owed) = owed else { return Answer::Refuse };
+        let Ok(owed) = owed else { return Answer::Refuse { counted_bytes: counted } };
         let amount = due.min(owed);
         if amount > paid { Answer::Pay(amount) } else { Answer::Wait }
     }
@@ -396,8 +400,7 @@ async fn read_loop(
                 let payer = billing.payer.as_ref().filter(|payer| payer.channel == channel);
                 let mut answered = None;
                 match payer.map(|payer| (payer, billing.answer(carried_bytes, due, paid))) {
-                    Some((_, Answer::Refuse)) => {
-                        let counted_bytes = billing.tally.0.load(Ordering::Relaxed);
+                    Some((_, Answer::Refuse { counted_bytes })) => {
                         tracing::warn!(carried_bytes, counted_bytes, "the relay overcharged");
                         let close = Frame::Close {
                             reason: CloseReason::Protocol,
@@ -553,7 +556,13 @@ mod tests {
             billing(300).answer(1_300, attos(base + 13_000), attos(base)),
             Answer::Pay(attos(base + 3_000))
         );
-        assert_eq!(billing(300).answer(1_301, attos(base + 13_010), attos(base)), Answer::Refuse);
-        assert_eq!(billing(0).answer(u64::MAX, Amount::ZERO, attos(base)), Answer::Refuse);
+        assert_eq!(
+            billing(300).answer(1_301, attos(base + 13_010), attos(base)),
+            Answer::Refuse { counted_bytes: 300 }
+        );
+        assert_eq!(
+            billing(0).answer(u64::MAX, Amount::ZERO, attos(base)),
+            Answer::Refuse { counted_bytes: 0 }
+        );
     }
 }

@@ -4,7 +4,7 @@
 
 use ferry_proto::{Amount, ChannelId, PublicKey};
 
-use crate::registry::{ChannelView, RegistryClient, RegistryError};
+use crate::registry::{ChannelView, RegistryClient, RegistryError, id_prefix};
 
 /// How a client funds its channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +64,9 @@ impl Wallet {
             return Ok(channel.clone());
         }
         // Named by the deposit it tops up, so a retry adds nothing twice.
-        let idempotency = format!("top-up-{}-{}", short(&channel.id), channel.deposited.attos());
+        // 16 hex digits of the id leave room for a u128 of attos.
+        let idempotency =
+            format!("top-up-{}-{}", id_prefix(&channel.id, 16), channel.deposited.attos());
         self.registry.top_up(&channel.id, self.budget.top_up, &idempotency).await
     }
 
@@ -98,8 +100,4 @@ impl Wallet {
             })
             .collect())
     }
-}
-
-fn short(channel: &ChannelId) -> String {
-    channel.to_string().chars().take(16).collect()
 }
