@@ -261,11 +261,6 @@ impl Pump<'_> {
             };
             if self.meter.commit(granted, count as u64) {
                 self.session.invoice_wanted.notify_one();
-                // The session's writer was woken on this thread, where it
-                // runs only when this task yields; a busy tunnel would
-                // otherwise carry on until its window is used up before
-                // the invoice even leaves.
-                tokio::task::yield_now().await;
             }
             if count == 0 {
                 // The sender finished: pass the half-close on.
@@ -281,6 +276,10 @@ impl Pump<'_> {
                 Err(_) => return CloseReason::Idle,
             }
             self.shared.metrics.carried(self.direction, count as u64);
+            // Tasks this one woke (the session writer that sends invoices,
+            // the tasks that take vouchers) run on this thread only when
+            // it yields; a busy tunnel would otherwise carry on until its
+            // window is used up before the invoice even leaves.
             tokio::task::yield_now().await;
         }
     }
