@@ -122,10 +122,10 @@ async fn a_client_picks_the_cheapest_reputable_relay_pays_for_what_it_carried_an
 
     // A paid tunnel through the chosen relay.
     let at = chosen.address();
-    let mut listener = Session::open(&at, &callee, None, None).await.unwrap();
+    let listener = Session::open(&at, &callee, None, None).await.unwrap();
     listener.listen(ListenPolicy::Open).await.unwrap();
     let payer = Payer { channel: channel.id, key: caller.clone() };
-    let mut session = Session::open(&at, &caller, Some(channel.id), Some(payer)).await.unwrap();
+    let session = Session::open(&at, &caller, Some(channel.id), Some(payer)).await.unwrap();
     let bytes: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
     let sent = bytes.clone();
     let accepting = {

@@ -2,87 +2,16 @@
 //! SIGKILL right after acknowledging a voucher settles it when restarted.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::BufRead;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+mod process;
 
 use ferry_client::RegistryClient;
-use ferry_client::relay::{Event, RelayAddress, Session};
+use ferry_client::relay::{Event, Session};
 use ferry_proto::wire::VoucherVerdict;
 use ferry_proto::{ChannelId, PublicKey, SecretKey, Voucher};
+use process::{WAIT, relay_address, relay_args, signal_and_wait, spawn};
 use reqwest::Method;
 use serde_json::json;
 use sqlx::ConnectOptions;
-
-/// Every wait here is bounded by this.
-const WAIT: Duration = Duration::from_secs(60);
-
-/// Starts `ferry` with `args` and returns it with its first output line.
-async fn spawn(args: Vec<String>) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    // Bounded by the child, which prints the line or exits.
-    let line = tokio::time::timeout(
-        WAIT,
-        tokio::task::spawn_blocking(move || {
-            let mut reader = std::io::BufReader::new(stdout);
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            // Later lines are read (and dropped) so the child never blocks.
-            std::thread::spawn(move || {
-                let mut rest = String::new();
-                while reader.read_line(&mut rest).is_ok_and(|read| read > 0) {
-                    rest.clear();
-                }
-            });
-            line
-        }),
-    )
-    .await
-    .expect("ferry starts in time")
-    .unwrap();
-    assert!(!line.is_empty(), "ferry {args:?} exited before printing its address");
-    (child, line)
-}
-
-async fn signal_and_wait(mut child: Child, signal: &str) -> std::process::ExitStatus {
-    let sent = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
-    assert!(sent.success());
-    tokio::time::timeout(WAIT, tokio::task::spawn_blocking(move || child.wait().unwrap()))
-        .await
-        .expect("ferry stops in time")
-        .unwrap()
-}
-
-fn relay_args(registry: &str, dir: &Path, config: Option<&Path>) -> Vec<String> {
-    let mut args = vec![
-        "relay".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--registry".into(),
-        registry.into(),
-        "--key".into(),
-        dir.join("relay.key").display().to_string(),
-    ];
-    if let Some(config) = config {
-        args.extend(["--config".into(), config.display().to_string()]);
-    }
-    args
-}
-
-/// The relay's key and address from its first line:
-/// `relay KEY listening on ADDR (...)`.
-fn relay_address(line: &str) -> RelayAddress {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!((words[0], words[2], words[3]), ("relay", "listening", "on"), "{line}");
-    RelayAddress { key: words[1].parse().unwrap(), address: words[4].to_owned() }
-}
 
 async fn settled(registry: &RegistryClient, channel: &ChannelId) -> String {
     registry.channel(channel).await.unwrap().settled.to_string()
@@ -146,7 +75,7 @@ async fn a_relay_killed_with_sigkill_settles_its_acknowledged_voucher_after_a_re
         .parse()
         .unwrap();
 
-    let mut session = Session::open(&relay, &client, Some(channel), None).await.unwrap();
+    let session = Session::open(&relay, &client, Some(channel), None).await.unwrap();
     let voucher = Voucher { channel, sequence: 1, cumulative: "3".parse().unwrap() }.sign(&client);
     session.pay(voucher).await.unwrap();
     let answer = tokio::time::timeout(WAIT, session.next_event()).await.unwrap().unwrap();

@@ -40,7 +40,7 @@ pub enum RegistryError {
 }
 
 /// A payment channel as the registry shows it to its client and its relay.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChannelView {
     /// The channel id.
     pub id: ChannelId,
@@ -186,7 +186,10 @@ impl RegistryClient {
         amount: Amount,
     ) -> Result<ChannelView, RegistryError> {
         let body = json!({ "relay": relay, "nonce": nonce, "amount": amount });
-        let idempotency = format!("open-{nonce}");
+        // Idempotency keys are per client, and nonces per relay: the key
+        // names both. 32 hex digits of the relay's key leave room for a u64.
+        let relay_prefix: String = relay.to_string().chars().take(32).collect();
+        let idempotency = format!("open-{relay_prefix}-{nonce}");
         parse(self.signed(Method::POST, "/v1/channels", Some(&body), Some(&idempotency)).await?)
     }
 
@@ -248,6 +251,11 @@ impl RegistryClient {
     ) -> Result<Value, RegistryError> {
         let path = format!("/v1/clients/{}/home-relays", self.key.public());
         self.signed(Method::PUT, &path, Some(&json!(home)), None).await
+    }
+
+    /// The registry's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// The key this client signs with.

@@ -15,7 +15,7 @@ use ferry_proto::wire::{
 use ferry_proto::{Amount, ChannelId, PricePerByte, PublicKey, SecretKey, SignedVoucher, Voucher};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// How long connecting and the handshake may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -253,7 +253,9 @@ pub struct Session {
     me: SecretKey,
     tally: Arc<Tally>,
     outbox: mpsc::Sender<Frame>,
-    events: mpsc::Receiver<Event>,
+    events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
+    paying: bool,
+    paid: watch::Receiver<Amount>,
 }
 
 impl Session {
@@ -290,9 +292,36 @@ impl Session {
             }
         });
         let tally = Arc::new(Tally::default());
-        let billing = Billing { payer, terms, tally: Arc::clone(&tally) };
+        let (paid_tx, paid) = watch::channel(terms.paid);
+        let paying = payer.is_some();
+        let billing = Billing { payer, terms, tally: Arc::clone(&tally), paid: paid_tx };
         tokio::spawn(read_loop(reader, writer, outbox.clone(), events_tx, billing));
-        Ok(Session { terms, relay: relay.clone(), me: me.clone(), tally, outbox, events })
+        Ok(Session {
+            terms,
+            relay: relay.clone(),
+            me: me.clone(),
+            tally,
+            outbox,
+            events: tokio::sync::Mutex::new(events),
+            paying,
+            paid,
+        })
+    }
+
+    /// The relay this session is with.
+    pub fn relay(&self) -> &RelayAddress {
+        &self.relay
+    }
+
+    /// Whether this session pays its invoices itself.
+    pub fn is_paying(&self) -> bool {
+        self.paying
+    }
+
+    /// The cumulative amount of the newest voucher this session paid with
+    /// (the opening terms' until it pays).
+    pub fn paid(&self) -> watch::Receiver<Amount> {
+        self.paid.clone()
     }
 
     /// Opens a tunnel to `peer`, paid by this session: the stream counts
@@ -327,9 +356,10 @@ impl Session {
         self.send(Frame::Close { reason: CloseReason::Normal, message: String::new() }).await
     }
 
-    /// The next event; none once the session ended and every event was read.
-    pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.recv().await
+    /// The next event; none once the session ended and every event was
+    /// read. One reader at a time: concurrent callers take turns.
+    pub async fn next_event(&self) -> Option<Event> {
+        self.events.lock().await.recv().await
     }
 }
 
@@ -338,6 +368,8 @@ struct Billing {
     payer: Option<Payer>,
     terms: SessionTerms,
     tally: Arc<Tally>,
+    /// Where the newest paid amount is published.
+    paid: watch::Sender<Amount>,
 }
 
 /// What to do with an invoice.
@@ -429,6 +461,7 @@ async fn read_loop(
                         // tunnels may be waiting for it.
                         let frame = Frame::Voucher(voucher.sign(&payer.key));
                         let _ = write_frame(&mut *writer.lock().await, &frame).await;
+                        billing.paid.send_replace(amount);
                         answered = Some(voucher);
                     }
                     Some((_, Answer::Wait)) | None => {}
@@ -517,7 +550,7 @@ mod tests {
             paid: Amount::from_attos(5_000).unwrap(),
             sequence: 3,
         };
-        Billing { payer: None, terms, tally }
+        Billing { payer: None, terms, tally, paid: watch::channel(Amount::ZERO).0 }
     }
 
     fn attos(value: u128) -> Amount {

@@ -83,7 +83,8 @@ impl Offer {
         self.advert.advert.price_per_byte
     }
 
-    fn from_view(view: &Value) -> Result<Offer, String> {
+    /// The offer in a registry relay view, if its advert verifies.
+    pub(crate) fn from_view(view: &Value) -> Result<Offer, String> {
         let advert: SignedAdvert =
             serde_json::from_value(view["advert"].clone()).map_err(|error| error.to_string())?;
         advert.verify().map_err(|error| format!("advert of {}: {error}", advert.advert.relay))?;
@@ -208,7 +209,17 @@ pub async fn discover(
     me: &SecretKey,
     policy: &SelectionPolicy,
 ) -> Result<Vec<Ranked>, RegistryError> {
-    let mut offers = registry.offers(policy).await?;
+    let offers = registry.offers(policy).await?;
+    Ok(measure_and_rank(me, policy, offers).await)
+}
+
+/// Measures the round trip to the cheapest [`SelectionPolicy::measured`]
+/// of the `offers` that meet `policy`, at once, and ranks them.
+pub async fn measure_and_rank(
+    me: &SecretKey,
+    policy: &SelectionPolicy,
+    mut offers: Vec<Offer>,
+) -> Vec<Ranked> {
     offers.retain(|offer| eligible(policy, offer));
     offers.sort_by(|a, b| a.price().cmp(&b.price()).then(b.reputation.total_cmp(&a.reputation)));
     offers.truncate(policy.measured.clamp(1, MAX_MEASURED));
@@ -223,7 +234,7 @@ pub async fn discover(
             rtts[index] = rtt;
         }
     }
-    Ok(rank(policy, offers.into_iter().zip(rtts).collect()))
+    rank(policy, offers.into_iter().zip(rtts).collect())
 }
 
 #[cfg(test)]

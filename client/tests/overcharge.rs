@@ -76,7 +76,7 @@ async fn an_invoice_for_bytes_never_carried_is_refused_and_reported() {
     let relay = tokio::spawn(overcharging_relay(listener, relay_key, 10 << 20));
     let channel = ChannelId::from_bytes([9; 32]);
     let payer = Payer { channel, key: client.clone() };
-    let mut session = Session::open(&address, &client, Some(channel), Some(payer)).await.unwrap();
+    let session = Session::open(&address, &client, Some(channel), Some(payer)).await.unwrap();
 
     let mut events = Vec::new();
     while let Ok(Some(event)) = tokio::time::timeout(WAIT, session.next_event()).await {

@@ -15,7 +15,7 @@ mod common;
 
 use common::{Registry, RunningRelay, WAIT, key, store_dir};
 
-async fn next(session: &mut Session) -> Event {
+async fn next(session: &Session) -> Event {
     tokio::time::timeout(WAIT, session.next_event()).await.expect("an event in time").expect("open")
 }
 
@@ -24,7 +24,7 @@ async fn next(session: &mut Session) -> Event {
 fn accept_all(
     relay: RelayAddress,
     me: SecretKey,
-    mut session: Session,
+    session: Session,
 ) -> tokio::sync::mpsc::Receiver<tokio::net::TcpStream> {
     let (streams, received) = tokio::sync::mpsc::channel(8);
     tokio::spawn(async move {
@@ -61,8 +61,7 @@ async fn a_paid_tunnel_carries_bytes_intact_both_ways_and_the_relay_is_settled()
     listener.listen(ListenPolicy::Open).await.unwrap();
     let mut accepted = accept_all(relay.address.clone(), callee.clone(), listener);
     let payer = Payer { channel, key: caller.clone() };
-    let mut session =
-        Session::open(&relay.address, &caller, Some(channel), Some(payer)).await.unwrap();
+    let session = Session::open(&relay.address, &caller, Some(channel), Some(payer)).await.unwrap();
 
     let mut near = session.dial(callee.public()).await.unwrap();
     let mut far = tokio::time::timeout(WAIT, accepted.recv()).await.unwrap().unwrap();
@@ -89,7 +88,7 @@ async fn a_paid_tunnel_carries_bytes_intact_both_ways_and_the_relay_is_settled()
     // is paid in full; wait for that voucher's acceptance.
     let (mut last_voucher, mut paid_in_full) = (None, false);
     while !paid_in_full {
-        match next(&mut session).await {
+        match next(&session).await {
             Event::Invoice { carried_bytes, voucher, .. } => {
                 assert!(carried_bytes <= carried, "billed {carried_bytes} of {carried} bytes");
                 if carried_bytes == carried && voucher.is_some() {
@@ -135,7 +134,7 @@ async fn dials_to_unknown_closed_or_refusing_peers_fail_with_the_reason() {
     };
     assert_eq!(failure(dial(stranger.public()).await), DialFailure::UnknownPeer);
 
-    let mut listener = Session::open(&relay.address, &callee, None, None).await.unwrap();
+    let listener = Session::open(&relay.address, &callee, None, None).await.unwrap();
     assert_eq!(failure(dial(callee.public()).await), DialFailure::Rejected, "not listening");
     listener.listen(ListenPolicy::Allow(vec![stranger.public()])).await.unwrap();
     // The policy change is ordered before the next dial by a round trip.
@@ -145,7 +144,7 @@ async fn dials_to_unknown_closed_or_refusing_peers_fail_with_the_reason() {
     listener.listen(ListenPolicy::Open).await.unwrap();
     let _ = Session::open(&relay.address, &stranger, None, None).await.unwrap();
     let dialing = tokio::spawn(dial(callee.public()));
-    let Event::Incoming { tunnel, caller: who } = next(&mut listener).await else {
+    let Event::Incoming { tunnel, caller: who } = next(&listener).await else {
         panic!("expected an incoming tunnel");
     };
     assert_eq!(who, caller.public());
@@ -186,7 +185,7 @@ async fn an_unpaying_client_gets_no_more_than_the_credit_window() {
     listener.listen(ListenPolicy::Open).await.unwrap();
     let mut accepted = accept_all(relay.address.clone(), callee.clone(), listener);
     // No payer: invoices go unanswered.
-    let mut session = Session::open(&relay.address, &caller, Some(channel), None).await.unwrap();
+    let session = Session::open(&relay.address, &caller, Some(channel), None).await.unwrap();
     let mut near = relay::dial(&relay.address, &caller, callee.public()).await.unwrap();
     let mut far = tokio::time::timeout(WAIT, accepted.recv()).await.unwrap().unwrap();
     tokio::spawn(async move {
@@ -198,7 +197,7 @@ async fn an_unpaying_client_gets_no_more_than_the_credit_window() {
     assert!(received.len() as u64 <= window, "carried {} > window {window}", received.len());
     assert!(received.len() as u64 > window / 2, "the window itself is carried");
     loop {
-        match next(&mut session).await {
+        match next(&session).await {
             Event::TunnelClosed { reason, .. } => {
                 assert_eq!(reason, CloseReason::NotPaid);
                 break;
@@ -217,7 +216,7 @@ async fn bad_vouchers_are_refused_and_counted() {
     let (relay_key, caller, mallory) = (key(1), key(2), key(5));
     let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let relay = RunningRelay::start(&registry, &relay_key, |_| {}, store_dir("vouchers")).await;
-    let mut session = Session::open(&relay.address, &caller, Some(channel), None).await.unwrap();
+    let session = Session::open(&relay.address, &caller, Some(channel), None).await.unwrap();
     let voucher = |sequence: u64, amount: &str, signer: &SecretKey, channel: ChannelId| {
         Voucher { channel, sequence, cumulative: amount.parse().unwrap() }.sign(signer)
     };
@@ -233,7 +232,7 @@ async fn bad_vouchers_are_refused_and_counted() {
     ];
     for (signed, expected) in cases {
         session.pay(signed).await.unwrap();
-        match next(&mut session).await {
+        match next(&session).await {
             Event::VoucherResult { sequence, verdict } => {
                 assert_eq!((sequence, verdict), (signed.voucher.sequence, expected));
             }
@@ -265,11 +264,11 @@ async fn a_relay_restarted_from_its_voucher_log_settles_every_acknowledged_vouch
     let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let dir = store_dir("crash");
     let relay = RunningRelay::start(&registry, &relay_key, |_| {}, dir.clone()).await;
-    let mut session = Session::open(&relay.address, &caller, Some(channel), None).await.unwrap();
+    let session = Session::open(&relay.address, &caller, Some(channel), None).await.unwrap();
     let voucher = Voucher { channel, sequence: 1, cumulative: "3".parse().unwrap() }.sign(&caller);
     session.pay(voucher).await.unwrap();
     assert!(matches!(
-        next(&mut session).await,
+        next(&session).await,
         Event::VoucherResult { verdict: VoucherVerdict::Accepted, .. }
     ));
     // The relay stops without shutting down or settling; a new relay with

@@ -264,10 +264,10 @@ async fn relay_run(
         .await?
         .id;
     let at = RelayAddress { address, key: relay_key.public() };
-    let mut listening = Session::open(&at, &callee, None, None).await?;
+    let listening = Session::open(&at, &callee, None, None).await?;
     listening.listen(ListenPolicy::Open).await?;
     let payer = Payer { channel, key: caller.clone() };
-    let mut paying = Session::open(&at, &caller, Some(channel), Some(payer)).await?;
+    let paying = Session::open(&at, &caller, Some(channel), Some(payer)).await?;
     let accepting = {
         let (at, callee) = (at.clone(), callee.clone());
         tokio::spawn(async move {

@@ -1,0 +1,412 @@
+//! End-to-end encryption between two peers (docs/PROTOCOL.md, "Peer
+//! streams"): a Noise XX handshake whose static keys are bound to the
+//! peers' ed25519 identities, then records of ciphertext. A relay in
+//! between sees only ciphertext and cannot pose as either peer.
+//!
+//! Each link makes a fresh X25519 static key. The handshake's second and
+//! third messages carry, encrypted, the sender's ed25519 key and its
+//! signature of that static key; Noise XX proves each side holds its static
+//! key, and the signature proves the static key belongs to the identity.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::{PublicKey, SecretKey, Signature};
+use snow::{HandshakeState, StatelessTransportState};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+
+/// The Noise protocol a link runs.
+pub const NOISE_PARAMS: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
+/// Mixed into the handshake, so that only this protocol's peers agree.
+pub const PROLOGUE: &[u8] = b"ferry/e2e/v1";
+/// Domain tag of the signature that binds a Noise static key to an
+/// ed25519 identity.
+pub const STATIC_KEY_TAG: &[u8] = b"ferry/noise-static-key/v1\0";
+/// The largest record on the wire: Noise's message bound.
+pub const MAX_RECORD_BYTES: usize = 65_535;
+/// Noise's authentication tag on every record.
+const TAG_BYTES: usize = 16;
+/// The most plaintext one record carries.
+pub const MAX_PLAINTEXT_BYTES: usize = MAX_RECORD_BYTES - TAG_BYTES;
+/// How long the whole handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An identity payload: ed25519 key and its signature of the static key.
+const IDENTITY_BYTES: usize = 32 + 64;
+
+/// Why an encrypted link failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SecureError {
+    /// The underlying connection failed or ended.
+    #[error("link: {0}")]
+    Io(#[from] std::io::Error),
+    /// A record did not decrypt, or the handshake broke Noise's rules.
+    #[error("encryption: {0}")]
+    Noise(String),
+    /// The peer's identity proof is malformed or does not verify.
+    #[error("the peer did not prove its identity")]
+    Identity,
+    /// The peer proved a key other than the one dialled.
+    #[error("expected peer {expected}, but {actual} answered")]
+    WrongPeer {
+        /// The key dialled.
+        expected: PublicKey,
+        /// The key that answered.
+        actual: PublicKey,
+    },
+    /// A record's length is zero or above [`MAX_RECORD_BYTES`].
+    #[error("a record of {0} bytes is out of bounds")]
+    RecordLength(usize),
+    /// The handshake took longer than [`HANDSHAKE_TIMEOUT`].
+    #[error("the encrypted handshake timed out")]
+    Timeout,
+}
+
+fn noise(error: snow::Error) -> SecureError {
+    SecureError::Noise(error.to_string())
+}
+
+/// Anything a link can run over: a relay tunnel or a direct TCP stream.
+pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
+
+/// The receiving half of an encrypted link.
+pub struct SecureReader {
+    inner: ReadHalf<Box<dyn Transport>>,
+    cipher: Arc<StatelessTransportState>,
+    nonce: u64,
+    record: Vec<u8>,
+}
+
+/// The sending half of an encrypted link.
+pub struct SecureWriter {
+    inner: WriteHalf<Box<dyn Transport>>,
+    cipher: Arc<StatelessTransportState>,
+    nonce: u64,
+    record: Vec<u8>,
+}
+
+impl std::fmt::Debug for SecureReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureReader").field("nonce", &self.nonce).finish()
+    }
+}
+
+impl std::fmt::Debug for SecureWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureWriter").field("nonce", &self.nonce).finish()
+    }
+}
+
+/// Reads one length-prefixed record into `record`.
+async fn read_raw(
+    inner: &mut (impl AsyncRead + Unpin),
+    record: &mut Vec<u8>,
+) -> Result<(), SecureError> {
+    let length = usize::from(inner.read_u16().await?);
+    if length == 0 {
+        return Err(SecureError::RecordLength(length));
+    }
+    record.resize(length, 0);
+    inner.read_exact(record).await?;
+    Ok(())
+}
+
+/// Writes `record` with its length prefix, in one write.
+async fn write_raw(
+    inner: &mut (impl AsyncWrite + Unpin),
+    framed: &mut [u8],
+    record_len: usize,
+) -> Result<(), SecureError> {
+    let length = u16::try_from(record_len).map_err(|_| SecureError::RecordLength(record_len))?;
+    framed[..2].copy_from_slice(&length.to_be_bytes());
+    inner.write_all(&framed[..2 + record_len]).await?;
+    Ok(())
+}
+
+impl SecureReader {
+    /// The next record's plaintext.
+    pub async fn read(&mut self) -> Result<Vec<u8>, SecureError> {
+        read_raw(&mut self.inner, &mut self.record).await?;
+        let mut plaintext = vec![0; self.record.len()];
+        let length =
+            self.cipher.read_message(self.nonce, &self.record, &mut plaintext).map_err(noise)?;
+        self.nonce += 1;
+        plaintext.truncate(length);
+        Ok(plaintext)
+    }
+}
+
+impl SecureWriter {
+    /// Encrypts and sends one record of at most [`MAX_PLAINTEXT_BYTES`].
+    pub async fn write(&mut self, plaintext: &[u8]) -> Result<(), SecureError> {
+        if plaintext.len() > MAX_PLAINTEXT_BYTES {
+            return Err(SecureError::RecordLength(plaintext.len() + TAG_BYTES));
+        }
+        self.record.resize(2 + plaintext.len() + TAG_BYTES, 0);
+        let length = self
+            .cipher
+            .write_message(self.nonce, plaintext, &mut self.record[2..])
+            .map_err(noise)?;
+        self.nonce += 1;
+        write_raw(&mut self.inner, &mut self.record, length).await
+    }
+
+    /// Ends the sending direction of the underlying connection.
+    pub async fn shutdown(&mut self) -> Result<(), SecureError> {
+        Ok(self.inner.shutdown().await?)
+    }
+}
+
+/// What one side proves: its ed25519 key and its signature of the Noise
+/// static key it uses on this link.
+fn identity(me: &SecretKey, static_public: &[u8]) -> Vec<u8> {
+    let mut signed = STATIC_KEY_TAG.to_vec();
+    signed.extend_from_slice(static_public);
+    let mut payload = me.public().as_bytes().to_vec();
+    payload.extend_from_slice(me.sign(&signed).as_bytes());
+    payload
+}
+
+/// Checks the peer's identity payload against the static key the
+/// handshake proved it holds.
+fn verify_identity(payload: &[u8], handshake: &HandshakeState) -> Result<PublicKey, SecureError> {
+    let (Ok(payload), Some(remote_static)) =
+        (<&[u8; IDENTITY_BYTES]>::try_from(payload), handshake.get_remote_static())
+    else {
+        return Err(SecureError::Identity);
+    };
+    let (key, signature) = payload.split_at(32);
+    let key = <&[u8; 32]>::try_from(key).map_err(|_| SecureError::Identity)?;
+    let key = PublicKey::from_bytes(key).map_err(|_| SecureError::Identity)?;
+    let signature = <&[u8; 64]>::try_from(signature).map_err(|_| SecureError::Identity)?;
+    let mut signed = STATIC_KEY_TAG.to_vec();
+    signed.extend_from_slice(remote_static);
+    key.verify(&signed, &Signature::from_bytes(*signature)).map_err(|_| SecureError::Identity)?;
+    Ok(key)
+}
+
+/// A handshake in progress over one transport.
+struct Handshake {
+    state: HandshakeState,
+    static_public: Vec<u8>,
+    reader: ReadHalf<Box<dyn Transport>>,
+    writer: WriteHalf<Box<dyn Transport>>,
+    buffer: Vec<u8>,
+}
+
+impl Handshake {
+    fn new(transport: Box<dyn Transport>, initiator: bool) -> Result<Handshake, SecureError> {
+        let params = NOISE_PARAMS.parse().map_err(noise)?;
+        let builder = snow::Builder::new(params);
+        let keypair = builder.generate_keypair().map_err(noise)?;
+        let builder =
+            builder.prologue(PROLOGUE).map_err(noise)?.local_private_key(&keypair.private);
+        let builder = builder.map_err(noise)?;
+        let state = if initiator { builder.build_initiator() } else { builder.build_responder() }
+            .map_err(noise)?;
+        let (reader, writer) = tokio::io::split(transport);
+        let buffer = vec![0; 2 + MAX_RECORD_BYTES];
+        Ok(Handshake { state, static_public: keypair.public, reader, writer, buffer })
+    }
+
+    async fn send(&mut self, payload: &[u8]) -> Result<(), SecureError> {
+        let length = self.state.write_message(payload, &mut self.buffer[2..]).map_err(noise)?;
+        write_raw(&mut self.writer, &mut self.buffer, length).await
+    }
+
+    async fn receive(&mut self) -> Result<Vec<u8>, SecureError> {
+        let mut message = Vec::new();
+        read_raw(&mut self.reader, &mut message).await?;
+        let mut payload = vec![0; message.len()];
+        let length = self.state.read_message(&message, &mut payload).map_err(noise)?;
+        payload.truncate(length);
+        Ok(payload)
+    }
+
+    fn finish(self) -> Result<(SecureReader, SecureWriter), SecureError> {
+        let cipher = Arc::new(self.state.into_stateless_transport_mode().map_err(noise)?);
+        let reader = SecureReader {
+            inner: self.reader,
+            cipher: Arc::clone(&cipher),
+            nonce: 0,
+            record: Vec::new(),
+        };
+        let writer = SecureWriter { inner: self.writer, cipher, nonce: 0, record: Vec::new() };
+        Ok((reader, writer))
+    }
+}
+
+async fn bounded<T>(
+    handshake: impl Future<Output = Result<T, SecureError>>,
+) -> Result<T, SecureError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await.map_err(|_| SecureError::Timeout)?
+}
+
+/// Runs the dialling side's handshake as `me` over `transport`; succeeds
+/// only if the other side proves `peer`.
+pub async fn initiate(
+    transport: Box<dyn Transport>,
+    me: &SecretKey,
+    peer: &PublicKey,
+) -> Result<(SecureReader, SecureWriter), SecureError> {
+    bounded(async {
+        let mut handshake = Handshake::new(transport, true)?;
+        handshake.send(&[]).await?;
+        let payload = handshake.receive().await?;
+        let actual = verify_identity(&payload, &handshake.state)?;
+        if actual != *peer {
+            return Err(SecureError::WrongPeer { expected: *peer, actual });
+        }
+        let proof = identity(me, &handshake.static_public);
+        handshake.send(&proof).await?;
+        handshake.finish()
+    })
+    .await
+}
+
+/// Runs the accepting side's handshake as `me` over `transport`; returns
+/// the identity the dialler proved.
+pub async fn respond(
+    transport: Box<dyn Transport>,
+    me: &SecretKey,
+) -> Result<(PublicKey, SecureReader, SecureWriter), SecureError> {
+    bounded(async {
+        let mut handshake = Handshake::new(transport, false)?;
+        handshake.receive().await?;
+        let proof = identity(me, &handshake.static_public);
+        handshake.send(&proof).await?;
+        let payload = handshake.receive().await?;
+        let peer = verify_identity(&payload, &handshake.state)?;
+        let (reader, writer) = handshake.finish()?;
+        Ok((peer, reader, writer))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(seed: u8) -> SecretKey {
+        SecretKey::from_seed(&[seed; 32])
+    }
+
+    async fn pair(
+        dialled: &SecretKey,
+        answering: &SecretKey,
+    ) -> (
+        Result<(SecureReader, SecureWriter), SecureError>,
+        Result<(PublicKey, SecureReader, SecureWriter), SecureError>,
+    ) {
+        let (near, far) = tokio::io::duplex(4096);
+        let me = key(1);
+        let answering = answering.clone();
+        let responder = tokio::spawn(async move { respond(Box::new(far), &answering).await });
+        let initiated = initiate(Box::new(near), &me, &dialled.public()).await;
+        (initiated, responder.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn records_cross_encrypted_and_both_identities_are_proven() {
+        let (initiated, responded) = pair(&key(2), &key(2)).await;
+        let (mut dial_reader, mut dial_writer) = initiated.unwrap();
+        let (caller, mut accept_reader, mut accept_writer) = responded.unwrap();
+        assert_eq!(caller, key(1).public());
+        dial_writer.write(b"hello").await.unwrap();
+        assert_eq!(accept_reader.read().await.unwrap(), b"hello");
+        let large = vec![7u8; MAX_PLAINTEXT_BYTES];
+        let (written, read) = tokio::join!(accept_writer.write(&large), dial_reader.read());
+        written.unwrap();
+        assert_eq!(read.unwrap(), large);
+        assert!(matches!(
+            dial_writer.write(&vec![0; MAX_PLAINTEXT_BYTES + 1]).await,
+            Err(SecureError::RecordLength(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_peer_proving_another_key_is_refused() {
+        let (initiated, _) = pair(&key(2), &key(3)).await;
+        match initiated {
+            Err(SecureError::WrongPeer { expected, actual }) => {
+                assert_eq!((expected, actual), (key(2).public(), key(3).public()));
+            }
+            other => panic!("expected WrongPeer, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tampered_record_does_not_decrypt() {
+        let (near, far) = tokio::io::duplex(1 << 16);
+        // A tap between the two sides flips one ciphertext bit of the
+        // first transport record.
+        let (tap_near, tap_far) = tokio::io::duplex(1 << 16);
+        let answering = key(2);
+        let responder = tokio::spawn(async move { respond(Box::new(far), &answering).await });
+        let forward = tokio::spawn(async move {
+            let (mut from_dialer, mut to_dialer) = tokio::io::split(tap_far);
+            let (mut from_responder, mut to_responder) = tokio::io::split(near);
+            let backward =
+                tokio::spawn(
+                    async move { tokio::io::copy(&mut from_responder, &mut to_dialer).await },
+                );
+            // Three handshake messages pass, two of them this way.
+            let mut record = Vec::new();
+            for _ in 0..2 {
+                read_raw(&mut from_dialer, &mut record).await.unwrap();
+                to_responder.write_u16(record.len() as u16).await.unwrap();
+                to_responder.write_all(&record).await.unwrap();
+            }
+            read_raw(&mut from_dialer, &mut record).await.unwrap();
+            record[0] ^= 1;
+            to_responder.write_u16(record.len() as u16).await.unwrap();
+            to_responder.write_all(&record).await.unwrap();
+            backward.abort();
+        });
+        let (_, mut writer) =
+            initiate(Box::new(tap_near), &key(1), &key(2).public()).await.unwrap();
+        let (_, mut reader, _) = responder.await.unwrap().unwrap();
+        writer.write(b"secret").await.unwrap();
+        assert!(matches!(reader.read().await, Err(SecureError::Noise(_))));
+        forward.await.unwrap();
+    }
+
+    /// An in-memory handshake up to the responder's proof, which the
+    /// initiator has not yet checked: returns its state and the proof.
+    fn half_handshake() -> (HandshakeState, Vec<u8>) {
+        let builder = || snow::Builder::new(NOISE_PARAMS.parse().unwrap());
+        let keys = (builder().generate_keypair().unwrap(), builder().generate_keypair().unwrap());
+        let mut initiator =
+            builder().local_private_key(&keys.0.private).unwrap().build_initiator().unwrap();
+        let mut responder =
+            builder().local_private_key(&keys.1.private).unwrap().build_responder().unwrap();
+        let (mut message, mut payload) = (vec![0; 1024], vec![0; 1024]);
+        let length = initiator.write_message(&[], &mut message).unwrap();
+        responder.read_message(&message[..length], &mut payload).unwrap();
+        let length =
+            responder.write_message(&identity(&key(2), &keys.1.public), &mut message).unwrap();
+        let read = initiator.read_message(&message[..length], &mut payload).unwrap();
+        payload.truncate(read);
+        (initiator, payload)
+    }
+
+    #[test]
+    fn the_real_identity_proof_verifies() {
+        let (initiator, proof) = half_handshake();
+        assert_eq!(verify_identity(&proof, &initiator).unwrap(), key(2).public());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn a_proof_with_any_bit_flipped_or_cut_short_is_refused(bit in 0usize..IDENTITY_BYTES * 8, cut in 0usize..IDENTITY_BYTES) {
+            let (initiator, proof) = half_handshake();
+            let mut flipped = proof.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(matches!(verify_identity(&flipped, &initiator), Err(SecureError::Identity)));
+            prop_assert!(matches!(verify_identity(&proof[..cut], &initiator), Err(SecureError::Identity)));
+        }
+    }
+}

@@ -1,0 +1,754 @@
+//! A byte stream between two peers that outlives the link carrying it
+//! (docs/PROTOCOL.md, "Peer streams").
+//!
+//! The application sees one [`Stream`]. Underneath, a connection task
+//! sends the application's bytes as records over an encrypted link and
+//! keeps every byte until the peer acknowledges it. When the link dies
+//! (its relay was killed, say), the dialling side makes a new link through
+//! another route, both sides say how much they have received, and each
+//! resends what the other lacks: nothing is lost or duplicated.
+//!
+//! Stream positions count data bytes, plus one for the end of the stream
+//! (as in TCP), so that acknowledging the end is acknowledging a position.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ferry_proto::PublicKey;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::secure::{MAX_PLAINTEXT_BYTES, SecureError, SecureReader, SecureWriter};
+
+/// Bytes of a connection id.
+pub const CONNECTION_ID_BYTES: usize = 16;
+/// Bytes sent but not yet acknowledged that a connection keeps for
+/// resending; the application's writes wait while it is full.
+pub const SEND_BUFFER_BYTES: u64 = 4 << 20;
+/// A receiver acknowledges at least every this many bytes.
+pub const ACK_EVERY_BYTES: u64 = 256 << 10;
+/// An idle link sends an acknowledgement this often, as a keepalive.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+/// A link that hears nothing for this long is taken for dead.
+pub const LINK_SILENCE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a connection without a link waits for a new one before it
+/// fails.
+pub const RELINK_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bytes buffered between the application and its connection task.
+pub const APP_BUFFER_BYTES: usize = 256 << 10;
+/// The most data one record carries.
+const DATA_CHUNK_BYTES: usize = 32 << 10;
+/// Records read ahead from a link.
+const LINK_RECORDS: usize = 16;
+/// Links offered to one connection and not yet taken.
+pub(crate) const LINKS_QUEUED: usize = 4;
+
+/// A connection's id, chosen by the dialling side.
+pub type ConnectionId = [u8; CONNECTION_ID_BYTES];
+
+/// One plaintext record of a peer stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// The first record each side sends on every link.
+    Hello {
+        /// The connection the link belongs to.
+        connection: ConnectionId,
+        /// Stream positions the sender has received.
+        received: u64,
+    },
+    /// The next bytes of the stream (1 to `MAX_PLAINTEXT_BYTES - 1`).
+    Data(Vec<u8>),
+    /// Stream positions the sender has received.
+    Ack {
+        /// The count.
+        received: u64,
+    },
+    /// The sender will send no more data.
+    Fin,
+}
+
+const HELLO: u8 = 1;
+const DATA: u8 = 2;
+const ACK: u8 = 3;
+const FIN: u8 = 4;
+
+/// Why a record did not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed peer record: {0}")]
+pub struct RecordError(&'static str);
+
+impl Record {
+    /// The record's bytes: a type byte and its fields, big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Record::Hello { connection, received } => {
+                let mut bytes = vec![HELLO];
+                bytes.extend_from_slice(connection);
+                bytes.extend_from_slice(&received.to_be_bytes());
+                bytes
+            }
+            Record::Data(data) => {
+                let mut bytes = Vec::with_capacity(1 + data.len());
+                bytes.push(DATA);
+                bytes.extend_from_slice(data);
+                bytes
+            }
+            Record::Ack { received } => {
+                let mut bytes = vec![ACK];
+                bytes.extend_from_slice(&received.to_be_bytes());
+                bytes
+            }
+            Record::Fin => vec![FIN],
+        }
+    }
+
+    /// Decodes one record, refusing trailing or missing bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Record, RecordError> {
+        let u64_at = |field: &[u8]| {
+            <[u8; 8]>::try_from(field).map(u64::from_be_bytes).map_err(|_| RecordError("length"))
+        };
+        match bytes.split_first() {
+            Some((&HELLO, rest)) if rest.len() == CONNECTION_ID_BYTES + 8 => {
+                let (connection, received) = rest.split_at(CONNECTION_ID_BYTES);
+                let connection =
+                    ConnectionId::try_from(connection).map_err(|_| RecordError("length"))?;
+                Ok(Record::Hello { connection, received: u64_at(received)? })
+            }
+            Some((&DATA, rest)) if !rest.is_empty() => Ok(Record::Data(rest.to_vec())),
+            Some((&ACK, rest)) => Ok(Record::Ack { received: u64_at(rest)? }),
+            Some((&FIN, [])) => Ok(Record::Fin),
+            Some((&(HELLO | DATA | FIN), _)) => Err(RecordError("length")),
+            Some(_) => Err(RecordError("unknown type")),
+            None => Err(RecordError("empty")),
+        }
+    }
+}
+
+/// Why a link ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The encrypted link failed.
+    #[error(transparent)]
+    Secure(#[from] SecureError),
+    /// The peer sent a malformed record.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+}
+
+/// An encrypted link to the peer, over one route.
+#[derive(Debug)]
+pub struct Link {
+    /// The peer's proven identity.
+    pub peer: PublicKey,
+    /// Where the link runs, for logs: a relay's key or a direct address.
+    pub route: String,
+    reader: SecureReader,
+    writer: SecureWriter,
+}
+
+impl Link {
+    /// A link over an encrypted reader and writer to `peer`.
+    pub fn new(peer: PublicKey, route: String, reader: SecureReader, writer: SecureWriter) -> Link {
+        Link { peer, route, reader, writer }
+    }
+
+    /// Sends one record.
+    pub async fn send(&mut self, record: &Record) -> Result<(), LinkError> {
+        Ok(self.writer.write(&record.encode()).await?)
+    }
+
+    /// Reads one record.
+    pub async fn receive(&mut self) -> Result<Record, LinkError> {
+        Ok(Record::decode(&self.reader.read().await?)?)
+    }
+}
+
+/// A link handed to a connection, with the peer's hello when the
+/// accepting side already read it to find the connection.
+pub(crate) type Offered = (Link, Option<ConnectionId>, Option<u64>);
+
+/// Makes a new link for a dialling connection whose link died.
+pub type Redial = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<Link>> + Send>> + Send + Sync>;
+
+/// How a connection ended, shared with its [`Stream`].
+#[derive(Debug, Default)]
+struct Outcome {
+    failure: OnceLock<String>,
+}
+
+/// The application's end of a peer stream: one ordered, reliable,
+/// encrypted byte stream, whatever links carry it.
+#[derive(Debug)]
+pub struct Stream {
+    io: DuplexStream,
+    peer: PublicKey,
+    outcome: Arc<Outcome>,
+}
+
+impl Stream {
+    /// The peer's proven key.
+    pub fn peer(&self) -> PublicKey {
+        self.peer
+    }
+
+    fn failed(&self) -> Option<std::io::Error> {
+        let failure = self.outcome.failure.get()?;
+        Some(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, failure.clone()))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            // The end of the stream is an error unless the peer ended it.
+            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
+                Poll::Ready(self.failed().map_or(Ok(()), Err))
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.io).poll_write(cx, buf) {
+            Poll::Ready(Err(error)) => Poll::Ready(Err(self.failed().unwrap_or(error))),
+            other => other,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The link a connection currently uses.
+struct Active {
+    writer: SecureWriter,
+    records: mpsc::Receiver<Result<Record, LinkError>>,
+    reading: tokio::task::JoinHandle<()>,
+    route: String,
+    /// Whether the peer's hello arrived and everything it lacked was resent.
+    ready: bool,
+    heard_at: Instant,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.reading.abort();
+    }
+}
+
+/// Bytes sent and kept until acknowledged.
+#[derive(Default)]
+struct Unacked {
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes of the first chunk already acknowledged.
+    front_skip: usize,
+}
+
+impl Unacked {
+    /// Forgets the first `count` bytes.
+    fn drop_front(&mut self, mut count: u64) {
+        while count > 0 {
+            let Some(front) = self.chunks.front() else { return };
+            let left = (front.len() - self.front_skip) as u64;
+            if count >= left {
+                self.chunks.pop_front();
+                self.front_skip = 0;
+                count -= left;
+            } else {
+                // `count < left`, which fits in usize.
+                self.front_skip += count as usize;
+                count = 0;
+            }
+        }
+    }
+}
+
+/// One connection's state, owned by its task.
+struct Connection {
+    id: ConnectionId,
+    peer: PublicKey,
+    app: DuplexStream,
+    outcome: Arc<Outcome>,
+    links: mpsc::Receiver<Offered>,
+    redial: Option<(Redial, mpsc::Sender<Offered>)>,
+    link: Option<Active>,
+    unacked: Unacked,
+    /// Stream positions the peer acknowledged.
+    acked: u64,
+    /// Data bytes taken from the application.
+    sent: u64,
+    /// The application ended its writing.
+    app_ended: bool,
+    /// Stream positions received from the peer (the end counts one).
+    received: u64,
+    peer_ended: bool,
+    acknowledged_received: u64,
+    /// When the connection lost its last link.
+    unlinked_since: Option<Instant>,
+}
+
+/// Starts a connection task for `id` with `peer`, returns the
+/// application's stream and the queue that hands the task new links.
+/// A dialling connection gets `redial`, which it calls when its link dies.
+pub(crate) fn start(
+    id: ConnectionId,
+    peer: PublicKey,
+    first: Offered,
+    redial: Option<Redial>,
+    on_end: impl FnOnce() + Send + 'static,
+) -> (Stream, mpsc::Sender<Offered>) {
+    let (app, task_side) = tokio::io::duplex(APP_BUFFER_BYTES);
+    let (links_tx, links) = mpsc::channel(LINKS_QUEUED);
+    let outcome = Arc::new(Outcome::default());
+    let connection = Connection {
+        id,
+        peer,
+        app: task_side,
+        outcome: Arc::clone(&outcome),
+        links,
+        redial: redial.map(|redial| (redial, links_tx.clone())),
+        link: None,
+        unacked: Unacked::default(),
+        acked: 0,
+        sent: 0,
+        app_ended: false,
+        received: 0,
+        peer_ended: false,
+        acknowledged_received: 0,
+        unlinked_since: None,
+    };
+    tokio::spawn(async move {
+        connection.run(first).await;
+        on_end();
+    });
+    (Stream { io: app, peer, outcome }, links_tx)
+}
+
+/// Why a connection gives up.
+#[derive(Debug)]
+enum Fatal {
+    /// The application dropped its stream before the end.
+    AppGone,
+    /// The peer broke the stream's rules, or no new link came in time.
+    Failed(String),
+}
+
+impl Connection {
+    async fn run(mut self, first: Offered) {
+        let result = self.serve(first).await;
+        match result {
+            Ok(()) => tracing::debug!(peer = %self.peer, "peer stream ended"),
+            Err(Fatal::AppGone) => tracing::debug!(peer = %self.peer, "the application left"),
+            Err(Fatal::Failed(reason)) => {
+                tracing::warn!(peer = %self.peer, %reason, "peer stream failed");
+                let _ = self.outcome.failure.set(reason);
+            }
+        }
+        // Dropping the task's end ends the application's reads.
+    }
+
+    fn done(&self) -> bool {
+        self.app_ended && self.acked == self.sent + 1 && self.peer_ended
+    }
+
+    async fn serve(&mut self, first: Offered) -> Result<(), Fatal> {
+        self.install(first).await?;
+        let mut buffer = vec![0u8; DATA_CHUNK_BYTES];
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.done() {
+            let room = self.sent - self.acked.min(self.sent) < SEND_BUFFER_BYTES;
+            let relink_deadline =
+                self.unlinked_since.map_or_else(Instant::now, |since| since + RELINK_TIMEOUT);
+            tokio::select! {
+                read = self.app.read(&mut buffer), if !self.app_ended && room => {
+                    // An error here means the application dropped its end.
+                    let read = read.unwrap_or(0);
+                    self.on_app_bytes(&buffer[..read]).await;
+                }
+                record = next_record(&mut self.link) => match record {
+                    Some(Ok(record)) => self.on_record(record).await?,
+                    Some(Err(error)) => self.lose_link(&error.to_string()),
+                    None => self.lose_link("the link ended"),
+                },
+                offered = self.links.recv(), if !self.links.is_closed() || !self.links.is_empty() => {
+                    if let Some(offered) = offered {
+                        self.install(offered).await?;
+                    }
+                }
+                _ = keepalive.tick() => self.keep_alive().await,
+                () = tokio::time::sleep_until(relink_deadline), if self.link.is_none() => {
+                    return Err(Fatal::Failed(format!(
+                        "no route to the peer for {} s",
+                        RELINK_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+        }
+        if let Some(link) = self.link.as_mut() {
+            let _ = link.writer.shutdown().await;
+        }
+        Ok(())
+    }
+
+    /// Sends a record on the link; a failure loses the link.
+    async fn send(&mut self, record: &Record) {
+        let Some(link) = self.link.as_mut() else { return };
+        if let Err(error) = link.writer.write(&record.encode()).await {
+            self.lose_link(&error.to_string());
+        }
+    }
+
+    async fn on_app_bytes(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            self.app_ended = true;
+            if self.link.as_ref().is_some_and(|link| link.ready) {
+                self.send(&Record::Fin).await;
+            }
+            return;
+        }
+        self.sent += bytes.len() as u64;
+        self.unacked.chunks.push_back(bytes.to_vec());
+        if self.link.as_ref().is_some_and(|link| link.ready) {
+            self.send(&Record::Data(bytes.to_vec())).await;
+        }
+    }
+
+    async fn on_record(&mut self, record: Record) -> Result<(), Fatal> {
+        if let Some(link) = self.link.as_mut() {
+            link.heard_at = Instant::now();
+        }
+        let ready = self.link.as_ref().is_some_and(|link| link.ready);
+        match record {
+            Record::Hello { connection, received } if !ready => {
+                self.hello(connection, received).await
+            }
+            Record::Hello { .. } => Err(Fatal::Failed("a second hello on one link".into())),
+            _ if !ready => Err(Fatal::Failed("a record before the peer's hello".into())),
+            Record::Data(data) => {
+                if self.peer_ended {
+                    return Err(Fatal::Failed("data after the end of the stream".into()));
+                }
+                self.app.write_all(&data).await.map_err(|_| Fatal::AppGone)?;
+                self.received += data.len() as u64;
+                if self.received - self.acknowledged_received >= ACK_EVERY_BYTES {
+                    self.acknowledge().await;
+                }
+                Ok(())
+            }
+            Record::Fin => {
+                if !self.peer_ended {
+                    self.peer_ended = true;
+                    self.received += 1;
+                    let _ = self.app.shutdown().await;
+                }
+                self.acknowledge().await;
+                Ok(())
+            }
+            Record::Ack { received } => self.peer_received(received),
+        }
+    }
+
+    /// The peer has `received` positions: forget what it no longer needs.
+    fn peer_received(&mut self, received: u64) -> Result<(), Fatal> {
+        let end = self.sent + u64::from(self.app_ended);
+        if received > end {
+            return Err(Fatal::Failed(format!(
+                "the peer acknowledged {received} bytes of the {end} sent"
+            )));
+        }
+        if received > self.acked {
+            self.unacked.drop_front(received.min(self.sent) - self.acked.min(self.sent));
+            self.acked = received;
+        }
+        Ok(())
+    }
+
+    async fn acknowledge(&mut self) {
+        self.acknowledged_received = self.received;
+        self.send(&Record::Ack { received: self.received }).await;
+    }
+
+    /// The peer's hello on a new link: resend everything it lacks.
+    async fn hello(&mut self, connection: ConnectionId, received: u64) -> Result<(), Fatal> {
+        if connection != self.id {
+            return Err(Fatal::Failed("a hello for another connection".into()));
+        }
+        if received < self.acked {
+            return Err(Fatal::Failed("the peer forgot acknowledged bytes".into()));
+        }
+        self.peer_received(received)?;
+        if let Some(link) = self.link.as_mut() {
+            link.ready = true;
+        }
+        let chunks: Vec<Vec<u8>> = self.unacked.chunks.iter().cloned().collect();
+        let mut skip = self.unacked.front_skip;
+        for chunk in chunks {
+            self.send(&Record::Data(chunk[skip..].to_vec())).await;
+            skip = 0;
+        }
+        if self.app_ended && self.acked <= self.sent {
+            self.send(&Record::Fin).await;
+        }
+        Ok(())
+    }
+
+    /// Takes a new link: says hello on it and, when the peer's hello came
+    /// with it, answers that.
+    async fn install(&mut self, (link, connection, received): Offered) -> Result<(), Fatal> {
+        if link.peer != self.peer {
+            tracing::warn!(route = %link.route, "dropping a link to another peer");
+            return Ok(());
+        }
+        let Link { reader, writer, route, .. } = link;
+        let (records_tx, records) = mpsc::channel(LINK_RECORDS);
+        let reading = tokio::spawn(read_records(reader, records_tx));
+        tracing::debug!(%route, peer = %self.peer, "peer stream on a new link");
+        self.link = Some(Active {
+            writer,
+            records,
+            reading,
+            route,
+            ready: false,
+            heard_at: Instant::now(),
+        });
+        self.unlinked_since = None;
+        self.send(&Record::Hello { connection: self.id, received: self.received }).await;
+        match (connection, received) {
+            (Some(connection), Some(received)) => self.hello(connection, received).await,
+            _ => Ok(()),
+        }
+    }
+
+    fn lose_link(&mut self, why: &str) {
+        let Some(lost) = self.link.take() else { return };
+        tracing::info!(route = %lost.route, peer = %self.peer, why, "lost the link to the peer");
+        self.unlinked_since = Some(Instant::now());
+        if let Some((redial, links)) = &self.redial {
+            let (redial, links) = (Arc::clone(redial), links.clone());
+            tokio::spawn(async move {
+                if let Some(link) = redial().await {
+                    let _ = links.send((link, None, None)).await;
+                }
+            });
+        }
+    }
+
+    async fn keep_alive(&mut self) {
+        let Some(link) = self.link.as_ref() else { return };
+        if link.heard_at.elapsed() > LINK_SILENCE_TIMEOUT {
+            self.lose_link("the link fell silent");
+        } else if link.ready {
+            self.acknowledge().await;
+        }
+    }
+}
+
+/// The next record of the current link; pending forever without a link.
+async fn next_record(link: &mut Option<Active>) -> Option<Result<Record, LinkError>> {
+    match link {
+        Some(link) => link.records.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn read_records(mut reader: SecureReader, records: mpsc::Sender<Result<Record, LinkError>>) {
+    loop {
+        let record = match reader.read().await {
+            Ok(bytes) => Record::decode(&bytes).map_err(LinkError::from),
+            Err(error) => Err(LinkError::from(error)),
+        };
+        let last = record.is_err();
+        if records.send(record).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// The largest data record that fits in one encrypted record.
+const _: () = assert!(DATA_CHUNK_BYTES < MAX_PLAINTEXT_BYTES);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::SecretKey;
+    use proptest::prelude::*;
+
+    fn record() -> impl Strategy<Value = Record> {
+        prop_oneof![
+            (any::<[u8; 16]>(), any::<u64>())
+                .prop_map(|(connection, received)| Record::Hello { connection, received }),
+            proptest::collection::vec(any::<u8>(), 1..512).prop_map(Record::Data),
+            any::<u64>().prop_map(|received| Record::Ack { received }),
+            Just(Record::Fin),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn records_round_trip(record in record()) {
+            prop_assert_eq!(Record::decode(&record.encode()), Ok(record));
+        }
+
+        #[test]
+        fn a_record_with_a_byte_more_or_less_is_refused(record in record()) {
+            let bytes = record.encode();
+            let mut longer = bytes.clone();
+            longer.push(0);
+            if !matches!(record, Record::Data(_)) {
+                prop_assert!(Record::decode(&longer).is_err());
+            }
+            if bytes.len() > 1 && !matches!(record, Record::Data(_)) {
+                prop_assert!(Record::decode(&bytes[..bytes.len() - 1]).is_err());
+            }
+        }
+
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Record::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn unknown_empty_and_short_records_are_refused() {
+        assert_eq!(Record::decode(&[]), Err(RecordError("empty")));
+        assert_eq!(Record::decode(&[9]), Err(RecordError("unknown type")));
+        assert_eq!(Record::decode(&[DATA]), Err(RecordError("length")));
+        assert_eq!(Record::decode(&[ACK, 0]), Err(RecordError("length")));
+    }
+
+    #[test]
+    fn acknowledged_bytes_leave_the_buffer_across_chunks() {
+        let mut unacked = Unacked::default();
+        unacked.chunks.extend([vec![1; 10], vec![2; 10], vec![3; 10]]);
+        unacked.drop_front(15);
+        assert_eq!(unacked.chunks.len(), 2);
+        assert_eq!(unacked.front_skip, 5);
+        unacked.drop_front(100);
+        assert!(unacked.chunks.is_empty());
+        assert_eq!(unacked.front_skip, 0);
+    }
+
+    /// Two encrypted links, one per side, through a forwarding task that
+    /// stands in for a relay: aborting it kills the link.
+    async fn link_pair(
+        dialer: &SecretKey,
+        acceptor: &SecretKey,
+    ) -> (Link, Link, tokio::task::JoinHandle<()>) {
+        let (near, mut near_relay) = tokio::io::duplex(1 << 16);
+        let (mut far_relay, far) = tokio::io::duplex(1 << 16);
+        let relay = tokio::spawn(async move {
+            let _ = tokio::io::copy_bidirectional(&mut near_relay, &mut far_relay).await;
+        });
+        let me = acceptor.clone();
+        let responding =
+            tokio::spawn(async move { crate::secure::respond(Box::new(far), &me).await });
+        let (reader, writer) =
+            crate::secure::initiate(Box::new(near), dialer, &acceptor.public()).await.unwrap();
+        let (caller, far_reader, far_writer) = responding.await.unwrap().unwrap();
+        (
+            Link::new(acceptor.public(), "test".into(), reader, writer),
+            Link::new(caller, "test".into(), far_reader, far_writer),
+            relay,
+        )
+    }
+
+    /// The accepting side's part of a new link: read the dialler's hello,
+    /// as an endpoint does, and offer the link with it.
+    async fn offer_to_acceptor(mut far: Link, relink: mpsc::Sender<Offered>) {
+        let Ok(Record::Hello { connection, received }) = far.receive().await else {
+            panic!("expected a hello")
+        };
+        relink.send((far, Some(connection), Some(received))).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_survives_the_death_of_its_link_without_loss_or_duplication() {
+        let (dialer, acceptor) = (SecretKey::from_seed(&[1; 32]), SecretKey::from_seed(&[2; 32]));
+        let relink: Arc<OnceLock<mpsc::Sender<Offered>>> = Arc::default();
+        let redials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let redial: Redial = {
+            let (dialer, acceptor, relink, redials) =
+                (dialer.clone(), acceptor.clone(), Arc::clone(&relink), Arc::clone(&redials));
+            Arc::new(move || {
+                let (dialer, acceptor, relink) = (dialer.clone(), acceptor.clone(), relink.clone());
+                redials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Box::pin(async move {
+                    let (near, far, _relay) = link_pair(&dialer, &acceptor).await;
+                    tokio::spawn(offer_to_acceptor(far, relink.get().unwrap().clone()));
+                    Some(near)
+                })
+            })
+        };
+        let (near, mut far, first_relay) = link_pair(&dialer, &acceptor).await;
+        let (mut dialing, _) =
+            start([7; 16], acceptor.public(), (near, None, None), Some(redial), || {});
+        let Ok(Record::Hello { connection, received }) = far.receive().await else {
+            panic!("expected a hello")
+        };
+        let (mut accepting, links) = start(
+            connection,
+            dialer.public(),
+            (far, Some(connection), Some(received)),
+            None,
+            || {},
+        );
+        relink.set(links).unwrap();
+
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            dialing.write_all(&sent).await.unwrap();
+            dialing.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            dialing.read_to_end(&mut answer).await.unwrap();
+            answer
+        });
+        let mut got = vec![0; 1_000_000];
+        accepting.read_exact(&mut got).await.unwrap();
+        first_relay.abort();
+        let mut rest = Vec::new();
+        accepting.read_to_end(&mut rest).await.unwrap();
+        got.extend(rest);
+        assert!(got == payload, "the bytes differ after the link died");
+        accepting.write_all(b"thanks").await.unwrap();
+        accepting.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"thanks");
+        assert_eq!(redials.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_link_never_returns_fails_with_a_reason() {
+        tokio::time::pause();
+        let (dialer, acceptor) = (SecretKey::from_seed(&[1; 32]), SecretKey::from_seed(&[2; 32]));
+        let (near, far, relay) = link_pair(&dialer, &acceptor).await;
+        let (mut dialing, _) = start([7; 16], acceptor.public(), (near, None, None), None, || {});
+        drop(far);
+        relay.abort();
+        let mut buffer = [0u8; 16];
+        let error = dialing.read(&mut buffer).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionAborted);
+        assert!(error.to_string().contains("no route to the peer"), "{error}");
+    }
+}
