@@ -1,6 +1,7 @@
 //! `ferry`: the command that runs every part of the marketplace.
 
 mod bench;
+mod client;
 mod db;
 mod demo;
 mod relay;
@@ -42,6 +43,8 @@ enum Command {
     Relay(Box<relay::RelayArgs>),
     /// Run the benchmarks and print their figures against same-run baselines.
     Bench(bench::BenchArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Registry(args) => registry(args).await.map(|()| ExitCode::SUCCESS),
         Command::Relay(args) => relay::run(*args).await.map(|()| ExitCode::SUCCESS),
+        Command::Client(command) => client::run(command).await.map(|()| ExitCode::SUCCESS),
         Command::Ledger { command: LedgerCommand::Check { database, json } } => {
             let db = db::Database::open(database.database_url, &database.data_dir).await?;
             let ledger = Ledger::connect(db.options().clone(), LedgerConfig::default()).await?;

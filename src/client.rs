@@ -1,0 +1,864 @@
+//! The client commands of `ferry`: the relay table, money, channels, and
+//! moving files and TCP connections through the market (docs/CLIENT.md,
+//! "The ferry command").
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use ferry_client::select::{Offer, SelectionPolicy};
+use ferry_client::wallet::Budget;
+use ferry_client::{Endpoint, EndpointConfig, RegistryClient};
+use ferry_proto::{Amount, ChannelId, PricePerByte, PublicKey, SecretKey};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The first bytes of a file transfer on a peer stream.
+const FILE_MAGIC: &[u8] = b"FERRY-FILE/1\n";
+/// The longest file name a sender may announce.
+const MAX_FILE_NAME_BYTES: usize = 255;
+/// How long a receiver waits for a sender's header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a sender waits for the receiver's verdict once all is sent.
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Copy buffer for files and tunnels.
+const COPY_BUFFER_BYTES: usize = 64 << 10;
+
+/// Who this client is and which registry it talks to.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The registry's URL.
+    #[arg(long, env = "FERRY_REGISTRY", default_value = "http://127.0.0.1:7070")]
+    registry: String,
+    /// This client's key file, created on first use.
+    #[arg(long, env = "FERRY_KEY", default_value = "ferry.key")]
+    key: PathBuf,
+    /// Print JSON for scripts instead of tables and progress bars.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Which relays a client will use.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// Only relays at most this dear, in tokens per GiB.
+    #[arg(long, value_name = "TOKENS_PER_GIB")]
+    max_price: Option<Amount>,
+    /// Only relays with at least this reputation (0 to 1).
+    #[arg(long, default_value_t = SelectionPolicy::default().min_reputation)]
+    min_reputation: f64,
+    /// Only relays in this region.
+    #[arg(long)]
+    region: Option<String>,
+}
+
+impl PolicyArgs {
+    fn policy(&self) -> anyhow::Result<SelectionPolicy> {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.min_reputation),
+            "--min-reputation is a score from 0 to 1"
+        );
+        let max_price = match self.max_price {
+            Some(per_gib) => Some(
+                PricePerByte::from_attos(per_gib.attos() / (1u128 << 30))
+                    .context("--max-price is out of range")?,
+            ),
+            None => None,
+        };
+        Ok(SelectionPolicy {
+            max_price,
+            min_reputation: self.min_reputation,
+            region: self.region.clone(),
+            ..SelectionPolicy::default()
+        })
+    }
+}
+
+/// How much a paying command may lock in each relay's channel.
+#[derive(Debug, Args)]
+pub struct BudgetArgs {
+    /// Escrow of a new channel, and of each top-up, in tokens.
+    #[arg(long, default_value = "1")]
+    budget: Amount,
+}
+
+impl BudgetArgs {
+    fn budget(&self) -> anyhow::Result<Budget> {
+        anyhow::ensure!(self.budget > Amount::ZERO, "--budget must be above zero");
+        let quarter = Amount::from_attos(self.budget.attos() / 4).context("budget")?;
+        Ok(Budget { open: self.budget, top_up: self.budget, low_water: quarter })
+    }
+}
+
+/// How to sort the relay table.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RelaySort {
+    /// Cheapest first.
+    Price,
+    /// Best reputation first.
+    Reputation,
+    /// By region, then price.
+    Region,
+    /// Least loaded first.
+    Load,
+}
+
+/// The client commands.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// List the market's relays: price per GiB, reputation, region, load.
+    Relays {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The column to sort by.
+        #[arg(long, value_enum, default_value = "price")]
+        sort: RelaySort,
+        /// Include relays that sent no recent heartbeat.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Show this key's money: available, in escrow, earned.
+    Balance {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show this key's newest transfers.
+    Statement {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// How many transfers.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Credit an account on a demo registry, signed with the operator's key.
+    Deposit {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The amount, in tokens.
+        amount: Amount,
+        /// The registry operator's key file.
+        #[arg(long, env = "FERRY_OPERATOR_KEY", default_value = "ferry-operator.key")]
+        operator_key: PathBuf,
+        /// The account to credit (default: this client's key).
+        #[arg(long)]
+        to: Option<PublicKey>,
+    },
+    /// List, open and close payment channels.
+    Channels {
+        #[command(subcommand)]
+        command: ChannelCommand,
+    },
+    /// Send a file to a peer's key through the market.
+    Send {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The file.
+        file: PathBuf,
+        /// The receiver's key.
+        #[arg(long)]
+        to: PublicKey,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        budget: BudgetArgs,
+    },
+    /// Listen on home relays and receive one file.
+    Receive {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The directory to write the file to.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// How many relays to listen on.
+        #[arg(long, default_value_t = 2)]
+        home_relays: usize,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Forward TCP connections through the market, like `ssh -L`: with
+    /// --to, each connection to --local goes to the peer; with --serve,
+    /// each peer stream is connected to the given address here.
+    Tunnel {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The peer to forward to.
+        #[arg(long, requires = "local", conflicts_with = "serve")]
+        to: Option<PublicKey>,
+        /// The local address to accept connections on (with --to).
+        #[arg(long)]
+        local: Option<std::net::SocketAddr>,
+        /// The address that peer streams are forwarded to (the peer's end).
+        #[arg(long)]
+        serve: Option<String>,
+        /// Peers allowed to connect (with --serve; default: anyone).
+        #[arg(long = "allow")]
+        allow: Vec<PublicKey>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[command(flatten)]
+        budget: BudgetArgs,
+    },
+}
+
+/// Channel commands.
+#[derive(Debug, Subcommand)]
+pub enum ChannelCommand {
+    /// This key's channels, newest first.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Open a channel to a relay.
+    Open {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The relay's key.
+        relay: PublicKey,
+        /// The escrow, in tokens.
+        amount: Amount,
+    },
+    /// Ask to close a channel; with --finalize, also refund it once the
+    /// dispute window has passed.
+    Close {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The channel.
+        channel: ChannelId,
+        /// Finalize too (fails while the dispute window is open).
+        #[arg(long)]
+        finalize: bool,
+    },
+}
+
+struct Client {
+    registry: RegistryClient,
+    json: bool,
+}
+
+impl ClientCommand {
+    fn client_args(&self) -> &ClientArgs {
+        match self {
+            ClientCommand::Relays { client, .. }
+            | ClientCommand::Balance { client }
+            | ClientCommand::Statement { client, .. }
+            | ClientCommand::Deposit { client, .. }
+            | ClientCommand::Send { client, .. }
+            | ClientCommand::Receive { client, .. }
+            | ClientCommand::Tunnel { client, .. } => client,
+            ClientCommand::Channels { command } => match command {
+                ChannelCommand::List { client }
+                | ChannelCommand::Open { client, .. }
+                | ChannelCommand::Close { client, .. } => client,
+            },
+        }
+    }
+}
+
+/// Runs a client command.
+pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
+    let args = command.client_args();
+    let registry_url = args.registry.clone();
+    // Listing relays reads public data: it should not leave a key file
+    // behind, so it uses a throwaway key when there is none.
+    let key = if matches!(command, ClientCommand::Relays { .. }) && !args.key.exists() {
+        SecretKey::generate()?
+    } else {
+        SecretKey::read_or_create_file(&args.key)
+            .with_context(|| format!("key file {}", args.key.display()))?
+    };
+    let registry = RegistryClient::new(&args.registry, key, RegistryClient::http()?);
+    let cx = Client { registry, json: args.json };
+    let result = match command {
+        ClientCommand::Relays { sort, all, policy, .. } => relays(&cx, sort, all, &policy).await,
+        ClientCommand::Balance { .. } => balance(&cx).await,
+        ClientCommand::Statement { limit, .. } => statement(&cx, limit).await,
+        ClientCommand::Deposit { amount, operator_key, to, .. } => {
+            deposit(&cx, amount, &operator_key, to).await
+        }
+        ClientCommand::Channels { command, .. } => channels(&cx, command).await,
+        ClientCommand::Send { file, to, policy, budget, .. } => {
+            send(&cx, &file, to, policy.policy()?, budget.budget()?).await
+        }
+        ClientCommand::Receive { out, home_relays, policy, .. } => {
+            receive(&cx, &out, home_relays, policy.policy()?).await
+        }
+        ClientCommand::Tunnel { to, local, serve, allow, policy, budget, .. } => {
+            match (to, local, serve) {
+                (Some(to), Some(local), None) => {
+                    tunnel_out(&cx, to, local, policy.policy()?, budget.budget()?).await
+                }
+                (None, None, Some(serve)) => tunnel_in(&cx, &serve, allow, policy.policy()?).await,
+                _ => bail!("give either --to KEY --local ADDR, or --serve ADDR"),
+            }
+        }
+    };
+    result.map_err(|error| explain(error, &registry_url))
+}
+
+/// Adds what to do to the errors people meet first.
+fn explain(error: anyhow::Error, registry: &str) -> anyhow::Error {
+    let text = format!("{error:#}");
+    if text.contains("error sending request") || text.contains("Connection refused") {
+        return error.context(format!(
+            "cannot reach the registry at {registry}; start one (`ferry registry`) or pass --registry URL"
+        ));
+    }
+    if text.contains("insufficient_funds") {
+        return error.context("not enough money available: `ferry deposit` (on a demo registry) or a smaller --budget");
+    }
+    if text.contains("unknown_client") {
+        return error.context(
+            "the peer has published no home relays: is `ferry receive` running on its side?",
+        );
+    }
+    error
+}
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Bytes in binary units: `1.5 MiB`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+fn short(key: &PublicKey) -> String {
+    key.to_string()[..12].to_owned()
+}
+
+async fn relays(
+    cx: &Client,
+    sort: RelaySort,
+    all: bool,
+    policy: &PolicyArgs,
+) -> anyhow::Result<()> {
+    let policy = policy.policy()?;
+    let mut offers: Vec<Offer> = cx.registry.offers(&policy).await?;
+    if !all {
+        offers.retain(|offer| offer.live);
+    }
+    match sort {
+        RelaySort::Price => offers.sort_by_key(|offer| offer.price()),
+        RelaySort::Reputation => offers.sort_by(|a, b| b.reputation.total_cmp(&a.reputation)),
+        RelaySort::Region => offers.sort_by(|a, b| {
+            a.advert.advert.region.cmp(&b.advert.advert.region).then(a.price().cmp(&b.price()))
+        }),
+        RelaySort::Load => offers.sort_by_key(|offer| offer.load_bytes_per_sec),
+    }
+    if cx.json {
+        let rows: Vec<Value> = offers
+            .iter()
+            .map(|offer| {
+                json!({
+                    "relay": offer.key(),
+                    "address": offer.advert.advert.address,
+                    "price_per_gib": offer.price().per_gib(),
+                    "reputation": offer.reputation,
+                    "region": offer.advert.advert.region,
+                    "load_bytes_per_sec": offer.load_bytes_per_sec,
+                    "sessions": offer.sessions,
+                    "live": offer.live,
+                })
+            })
+            .collect();
+        return print_json(&json!({ "relays": rows }));
+    }
+    if offers.is_empty() {
+        println!(
+            "no relay meets these filters; try --all, a higher --max-price or a lower --min-reputation"
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<12}  {:<21}  {:>14}  {:>10}  {:<10}  {:>12}  {:>8}  LIVE",
+        "RELAY", "ADDRESS", "PRICE/GiB", "REPUTATION", "REGION", "LOAD", "SESSIONS"
+    );
+    for offer in &offers {
+        let advert = &offer.advert.advert;
+        println!(
+            "{:<12}  {:<21}  {:>14}  {:>10.2}  {:<10}  {:>12}  {:>8}  {}",
+            short(&offer.key()),
+            advert.address,
+            offer.price().per_gib().to_string(),
+            offer.reputation,
+            advert.region,
+            format!("{}/s", human_bytes(offer.load_bytes_per_sec)),
+            offer.sessions,
+            if offer.live { "yes" } else { "no" }
+        );
+    }
+    Ok(())
+}
+
+async fn balance(cx: &Client) -> anyhow::Result<()> {
+    let balance = cx.registry.balance().await?;
+    if cx.json {
+        return print_json(&balance);
+    }
+    println!("key        {}", cx.registry.key().public());
+    for field in ["available", "in_escrow", "earned"] {
+        println!("{field:<10} {}", balance[field].as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
+
+fn describe_counterparty(value: &Value) -> String {
+    match value["kind"].as_str() {
+        Some("holder") => format!("key {}", value["key"].as_str().unwrap_or("?")),
+        Some("escrow") => format!("channel {}", value["channel"].as_str().unwrap_or("?")),
+        Some(other) => other.to_owned(),
+        None => "?".into(),
+    }
+}
+
+async fn statement(cx: &Client, limit: u32) -> anyhow::Result<()> {
+    let statement = cx.registry.statement(limit).await?;
+    if cx.json {
+        return print_json(&statement);
+    }
+    println!("balance {}", statement["balance"].as_str().unwrap_or("?"));
+    let entries = statement["entries"].as_array().cloned().unwrap_or_default();
+    if entries.is_empty() {
+        println!("no transfers yet");
+        return Ok(());
+    }
+    println!("{:<25}  {:<16}  {:>22}  {:>22}  COUNTERPARTY", "AT", "KIND", "CHANGE", "BALANCE");
+    for entry in entries {
+        let at = entry["at"].as_str().unwrap_or("?");
+        println!(
+            "{:<25}  {:<16}  {:>22}  {:>22}  {}",
+            &at[..at.len().min(25)],
+            entry["kind"].as_str().unwrap_or("?"),
+            entry["change"].as_str().unwrap_or("?"),
+            entry["balance_after"].as_str().unwrap_or("?"),
+            describe_counterparty(&entry["counterparty"])
+        );
+    }
+    Ok(())
+}
+
+async fn deposit(
+    cx: &Client,
+    amount: Amount,
+    operator_key: &Path,
+    to: Option<PublicKey>,
+) -> anyhow::Result<()> {
+    let operator = SecretKey::read_file(operator_key).with_context(|| {
+        format!(
+            "the operator key {} (deposits are a demo registry's; its operator key signs them)",
+            operator_key.display()
+        )
+    })?;
+    let holder = to.unwrap_or_else(|| cx.registry.key().public());
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|error| anyhow::anyhow!("no randomness: {error}"))?;
+    let idempotency = format!("cli-deposit-{}", hex::encode(nonce));
+    let as_operator = RegistryClient::new(cx.registry.base(), operator, RegistryClient::http()?);
+    let answer = as_operator.deposit(&holder, amount, &idempotency).await?;
+    if cx.json {
+        return print_json(&answer);
+    }
+    println!("deposited {amount} to {holder}");
+    Ok(())
+}
+
+async fn channels(cx: &Client, command: ChannelCommand) -> anyhow::Result<()> {
+    match command {
+        ChannelCommand::List { .. } => {
+            let channels = cx.registry.channels().await?;
+            if cx.json {
+                return print_json(&json!({ "channels": channels }));
+            }
+            if channels.is_empty() {
+                println!("no channels; `ferry channels open RELAY AMOUNT` opens one");
+                return Ok(());
+            }
+            println!(
+                "{:<64}  {:<12}  {:<10}  {:>14}  {:>14}  {:>14}",
+                "CHANNEL", "RELAY", "STATE", "DEPOSITED", "SETTLED", "REFUNDED"
+            );
+            for channel in channels {
+                println!(
+                    "{:<64}  {:<12}  {:<10}  {:>14}  {:>14}  {:>14}",
+                    channel.id.to_string(),
+                    short(&channel.relay),
+                    channel.state,
+                    channel.deposited.to_string(),
+                    channel.settled.to_string(),
+                    channel.refunded.to_string()
+                );
+            }
+        }
+        ChannelCommand::Open { relay, amount, .. } => {
+            let mine = cx.registry.channels().await?;
+            let me = cx.registry.key().public();
+            let nonce = mine
+                .iter()
+                .filter(|c| c.client == me && c.relay == relay)
+                .map(|c| c.nonce)
+                .max()
+                .map_or(1, |nonce| nonce + 1);
+            let channel = cx.registry.open_channel(&relay, nonce, amount).await?;
+            if cx.json {
+                return print_json(&json!(channel));
+            }
+            println!("opened channel {} to {relay} with {amount}", channel.id);
+        }
+        ChannelCommand::Close { channel, finalize, .. } => {
+            let mut view = cx.registry.request_close(&channel).await?;
+            if finalize && view.state != "closed" {
+                view = cx.registry.finalize(&channel).await?;
+            }
+            if cx.json {
+                return print_json(&json!(view));
+            }
+            println!(
+                "channel {channel}: {} (settled {}, refunded {})",
+                view.state, view.settled, view.refunded
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A progress display on standard error: bytes, rate and, for a payer,
+/// the cost so far. Hidden with --json.
+struct Progress {
+    bar: indicatif::ProgressBar,
+}
+
+impl Progress {
+    fn new(total_bytes: u64, hidden: bool) -> anyhow::Result<Progress> {
+        let bar = if hidden {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(total_bytes)
+        };
+        bar.set_style(indicatif::ProgressStyle::with_template(
+            "{bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+        )?);
+        Ok(Progress { bar })
+    }
+}
+
+/// Copies `from` to `to`, hashing and counting, updating `progress` and
+/// `cost`. Returns the bytes copied and their blake3 hash.
+async fn copy_hashed(
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
+    limit_bytes: u64,
+    progress: &Progress,
+    cost: impl Fn() -> Option<String>,
+) -> anyhow::Result<(u64, blake3::Hash)> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0u8; COPY_BUFFER_BYTES];
+    let mut copied = 0u64;
+    while copied < limit_bytes {
+        let want = usize::try_from(limit_bytes - copied).unwrap_or(usize::MAX).min(buffer.len());
+        let read = from.read(&mut buffer[..want]).await?;
+        if read == 0 {
+            break;
+        }
+        to.write_all(&buffer[..read]).await?;
+        hasher.update(&buffer[..read]);
+        copied += read as u64;
+        progress.bar.set_position(copied);
+        if let Some(cost) = cost() {
+            progress.bar.set_message(cost);
+        }
+    }
+    Ok((copied, hasher.finalize()))
+}
+
+fn paid_total(endpoint: &Endpoint) -> Amount {
+    endpoint
+        .paid()
+        .values()
+        .fold(Amount::ZERO, |total, paid| total.checked_add(*paid).unwrap_or(total))
+}
+
+async fn send(
+    cx: &Client,
+    file: &Path,
+    to: PublicKey,
+    policy: SelectionPolicy,
+    budget: Budget,
+) -> anyhow::Result<()> {
+    let mut source =
+        tokio::fs::File::open(file).await.with_context(|| format!("opening {}", file.display()))?;
+    let size = source.metadata().await?.len();
+    let name = file
+        .file_name()
+        .and_then(|name| name.to_str())
+        .context("the file name is not UTF-8")?
+        .to_owned();
+    anyhow::ensure!(name.len() <= MAX_FILE_NAME_BYTES, "the file name is too long");
+    let config = EndpointConfig { policy, budget: Some(budget), ..EndpointConfig::default() };
+    let endpoint = Endpoint::new(cx.registry.clone(), config);
+    let started = Instant::now();
+    let mut stream = endpoint.dial(to).await.with_context(|| format!("dialling {to}"))?;
+    let mut header = FILE_MAGIC.to_vec();
+    header.extend_from_slice(format!("{name}\n{size}\n").as_bytes());
+    stream.write_all(&header).await?;
+    let progress = Progress::new(size, cx.json)?;
+    let (sent, hash) = copy_hashed(&mut source, &mut stream, size, &progress, || {
+        Some(format!("paid {}", paid_total(&endpoint)))
+    })
+    .await?;
+    anyhow::ensure!(sent == size, "{} shrank while it was being sent", file.display());
+    stream.write_all(hash.as_bytes()).await?;
+    stream.shutdown().await?;
+    let mut verdict = String::new();
+    tokio::time::timeout(VERDICT_TIMEOUT, stream.read_to_string(&mut verdict))
+        .await
+        .context("the receiver did not confirm in time")??;
+    progress.bar.finish_and_clear();
+    let elapsed = started.elapsed();
+    let paid = paid_total(&endpoint);
+    endpoint.close().await;
+    anyhow::ensure!(
+        verdict.trim() == format!("ok {hash}"),
+        "the receiver reports a mismatch: {}",
+        verdict.trim()
+    );
+    if cx.json {
+        return print_json(&json!({
+            "file": name, "bytes": size, "blake3": hash.to_string(),
+            "seconds": elapsed.as_secs_f64(), "paid": paid,
+        }));
+    }
+    println!(
+        "sent {name} ({}) to {to} in {:.1} s; blake3 {hash} confirmed; paid {paid} so far",
+        human_bytes(size),
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Reads one header line of at most `limit` bytes, without its newline.
+async fn read_line(stream: &mut (impl AsyncRead + Unpin), limit: usize) -> anyhow::Result<String> {
+    let mut bytes = Vec::new();
+    loop {
+        let byte = stream.read_u8().await?;
+        if byte == b'\n' {
+            return Ok(String::from_utf8(bytes)?);
+        }
+        anyhow::ensure!(bytes.len() < limit, "a header line is too long");
+        bytes.push(byte);
+    }
+}
+
+/// Reads the sender's header: magic, file name, size.
+async fn read_header(stream: &mut (impl AsyncRead + Unpin)) -> anyhow::Result<(String, u64)> {
+    let mut magic = vec![0u8; FILE_MAGIC.len()];
+    stream.read_exact(&mut magic).await?;
+    anyhow::ensure!(magic == FILE_MAGIC, "the peer is not sending a file");
+    let name = read_line(stream, MAX_FILE_NAME_BYTES).await?;
+    let size: u64 =
+        read_line(stream, 20).await?.parse().context("the announced size is not a number")?;
+    // Only a plain file name: the sender cannot choose where it is written.
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.chars().any(char::is_control);
+    anyhow::ensure!(plain, "the announced file name {name:?} is not a plain name");
+    Ok((name, size))
+}
+
+async fn receive(
+    cx: &Client,
+    out: &Path,
+    home_relays: usize,
+    policy: SelectionPolicy,
+) -> anyhow::Result<()> {
+    let config = EndpointConfig { policy, home_relays, ..EndpointConfig::default() };
+    let endpoint = Endpoint::new(cx.registry.clone(), config);
+    let home = endpoint.listen().await?;
+    let relays: Vec<String> = home.home.relays.iter().map(short).collect();
+    crate::announce(&format!("receiving as {} on relays {}", endpoint.key(), relays.join(", ")));
+    let mut stream = endpoint.accept().await.context("the endpoint stopped")?;
+    let peer = stream.peer();
+    let (name, size) = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut stream))
+        .await
+        .context("the sender sent no header in time")??;
+    let path = out.join(&name);
+    let partial = out.join(format!(".{name}.part"));
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .await
+        .with_context(|| format!("creating {}", partial.display()))?;
+    let started = Instant::now();
+    let progress = Progress::new(size, cx.json)?;
+    let copied = copy_hashed(&mut stream, &mut file, size, &progress, || None).await;
+    let (received, hash) = match copied {
+        Ok(copied) => copied,
+        Err(error) => {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(error);
+        }
+    };
+    let mut claimed = [0u8; 32];
+    let trailer = stream.read_exact(&mut claimed).await;
+    let intact = received == size && trailer.is_ok() && claimed == *hash.as_bytes();
+    progress.bar.finish_and_clear();
+    let verdict = if intact { format!("ok {hash}\n") } else { format!("bad {hash}\n") };
+    stream.write_all(verdict.as_bytes()).await?;
+    stream.shutdown().await?;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(VERDICT_TIMEOUT, stream.read_to_end(&mut rest)).await;
+    endpoint.close().await;
+    if !intact {
+        let _ = tokio::fs::remove_file(&partial).await;
+        bail!("{name} from {peer} arrived damaged ({received} of {size} bytes); nothing was kept");
+    }
+    file.sync_all().await?;
+    anyhow::ensure!(
+        tokio::fs::metadata(&path).await.is_err(),
+        "{} exists; the file is kept as {}",
+        path.display(),
+        partial.display()
+    );
+    tokio::fs::rename(&partial, &path).await?;
+    let elapsed = started.elapsed();
+    if cx.json {
+        return print_json(&json!({
+            "file": path, "bytes": size, "blake3": hash.to_string(), "from": peer,
+            "seconds": elapsed.as_secs_f64(),
+        }));
+    }
+    println!(
+        "received {} ({}) from {peer} in {:.1} s; blake3 {hash} matches",
+        path.display(),
+        human_bytes(size),
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Copies both ways between a TCP connection and a peer stream until both
+/// directions end.
+async fn splice(mut local: tokio::net::TcpStream, mut remote: ferry_client::stream::Stream) {
+    if let Err(error) = tokio::io::copy_bidirectional(&mut local, &mut remote).await {
+        tracing::info!(%error, "a forwarded connection ended");
+    }
+}
+
+async fn tunnel_out(
+    cx: &Client,
+    to: PublicKey,
+    local: std::net::SocketAddr,
+    policy: SelectionPolicy,
+    budget: Budget,
+) -> anyhow::Result<()> {
+    let config = EndpointConfig { policy, budget: Some(budget), ..EndpointConfig::default() };
+    let endpoint = std::sync::Arc::new(Endpoint::new(cx.registry.clone(), config));
+    let listener = tokio::net::TcpListener::bind(local)
+        .await
+        .with_context(|| format!("listening on {local}"))?;
+    crate::announce(&format!("forwarding {} to {to}", listener.local_addr()?));
+    let accepting = async {
+        loop {
+            let (connection, from) = listener.accept().await?;
+            let endpoint = std::sync::Arc::clone(&endpoint);
+            tokio::spawn(async move {
+                match endpoint.dial(to).await {
+                    Ok(stream) => splice(connection, stream).await,
+                    Err(error) => tracing::warn!(%from, %error, "cannot reach the peer"),
+                }
+            });
+        }
+    };
+    tokio::select! {
+        result = accepting => result,
+        () = crate::shutdown_signal() => {
+            endpoint.close().await;
+            Ok(())
+        }
+    }
+}
+
+async fn tunnel_in(
+    cx: &Client,
+    serve: &str,
+    allow: Vec<PublicKey>,
+    policy: SelectionPolicy,
+) -> anyhow::Result<()> {
+    let listen = if allow.is_empty() {
+        ferry_proto::wire::ListenPolicy::Open
+    } else {
+        ferry_proto::wire::ListenPolicy::Allow(allow)
+    };
+    let config = EndpointConfig { policy, listen, ..EndpointConfig::default() };
+    let endpoint = Endpoint::new(cx.registry.clone(), config);
+    let home = endpoint.listen().await?;
+    let relays: Vec<String> = home.home.relays.iter().map(short).collect();
+    crate::announce(&format!(
+        "serving {serve} to peers of {} on relays {}",
+        endpoint.key(),
+        relays.join(", ")
+    ));
+    let serving = async {
+        while let Some(stream) = endpoint.accept().await {
+            let target = serve.to_owned();
+            tokio::spawn(async move {
+                match tokio::net::TcpStream::connect(&target).await {
+                    Ok(connection) => splice(connection, stream).await,
+                    Err(error) => {
+                        tracing::warn!(%target, %error, "cannot connect the peer's stream")
+                    }
+                }
+            });
+        }
+    };
+    tokio::select! {
+        () = serving => {}
+        () = crate::shutdown_signal() => {}
+    }
+    endpoint.close().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_as_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[tokio::test]
+    async fn a_header_names_a_plain_file_or_is_refused() {
+        let header = |name: &str| {
+            let mut bytes = FILE_MAGIC.to_vec();
+            bytes.extend_from_slice(format!("{name}\n42\n").as_bytes());
+            bytes
+        };
+        let (name, size) = read_header(&mut header("report.pdf").as_slice()).await.unwrap();
+        assert_eq!((name.as_str(), size), ("report.pdf", 42));
+        for bad in ["../etc/passwd", "a/b", "..", "", "tab\there"] {
+            assert!(read_header(&mut header(bad).as_slice()).await.is_err(), "{bad:?}");
+        }
+        assert!(read_header(&mut b"HTTP/1.1 200 OK\r\n".as_slice()).await.is_err());
+        let long = "x".repeat(MAX_FILE_NAME_BYTES + 1);
+        assert!(read_header(&mut header(&long).as_slice()).await.is_err());
+    }
+}

@@ -1,0 +1,195 @@
+//! The client commands of `ferry`, run as a person would run them, against
+//! a real registry and two relays on 127.0.0.1:0: the relay table, a
+//! deposit, a file sent and received with its blake3 checked, money and
+//! channels, a TCP port forwarded through the market, and a channel closed
+//! for its refund. The ledger's invariants hold at the end.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../relay/tests/common/mod.rs"]
+mod common;
+mod process;
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use common::{Registry, RunningRelay, key, operator, store_dir};
+use ferry_proto::SecretKey;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WAIT: std::time::Duration = process::WAIT;
+
+/// Writes `key` as a key file that `ferry` accepts.
+fn key_file(dir: &Path, name: &str, key: &SecretKey) -> PathBuf {
+    let path = dir.join(name);
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).unwrap();
+    writeln!(file, "{}", hex::encode(key.seed())).unwrap();
+    path
+}
+
+/// Runs `ferry` to completion with `args` and returns its standard output,
+/// failing the test with its whole output if it fails.
+async fn ferry(args: &[&str]) -> String {
+    let output = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output(),
+    )
+    .await
+    .expect("ferry finishes in time")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "ferry {args:?} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+async fn ferry_json(args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    serde_json::from_str(&ferry(&args).await).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli() {
+    let registry = Registry::start().await;
+    let cheap = RunningRelay::start(&registry, &key(10), |_| {}, store_dir("cli-cheap")).await;
+    let dear = RunningRelay::start(
+        &registry,
+        &key(11),
+        |config| config.price_per_byte = "0.000000002".parse().unwrap(),
+        store_dir("cli-dear"),
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("ferry-cli-client-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("inbox")).unwrap();
+    let (sender, receiver) = (key(1), key(2));
+    let sender_file = key_file(&dir, "sender.key", &sender);
+    let receiver_file = key_file(&dir, "receiver.key", &receiver);
+    let operator_file = key_file(&dir, "operator.key", &operator());
+    let base = registry.base.clone();
+    let as_sender = ["--registry", &base, "--key", sender_file.to_str().unwrap()];
+    let as_receiver = ["--registry", &base, "--key", receiver_file.to_str().unwrap()];
+    let args = |who: &[&str], more: &[&str]| -> Vec<String> {
+        more.iter().chain(who).map(|word| word.to_string()).collect()
+    };
+
+    // The relay table, as JSON, cheapest first once both are listed.
+    let listed = async {
+        loop {
+            let table =
+                ferry_json(&[&["relays", "--min-reputation", "0"], &as_sender[..]].concat()).await;
+            if table["relays"].as_array().unwrap().len() == 2 {
+                return table;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let table = tokio::time::timeout(WAIT, listed).await.unwrap();
+    assert_eq!(table["relays"][0]["relay"], key(10).public().to_string());
+    assert_eq!(table["relays"][0]["price_per_gib"], "1.073741824");
+    // Run where no key file exists: listing creates none.
+    let human =
+        ferry(&["relays", "--min-reputation", "0", "--sort", "reputation", "--registry", &base])
+            .await;
+    assert!(!Path::new("ferry.key").exists(), "listing relays wrote a key file");
+    assert!(human.contains("PRICE/GiB") && human.contains("1.073741824"), "{human}");
+
+    // The operator credits the sender.
+    let operator_path = operator_file.to_str().unwrap();
+    ferry(&[&["deposit", "3", "--operator-key", operator_path], &as_sender[..]].concat()).await;
+    let balance = ferry_json(&[&["balance"], &as_sender[..]].concat()).await;
+    assert_eq!(balance["available"], "3");
+
+    // A file through the market.
+    let file = dir.join("report.bin");
+    let contents: Vec<u8> =
+        (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(&file, &contents).unwrap();
+    let inbox = dir.join("inbox");
+    let mut receive_args = args(&as_receiver, &["receive", "--min-reputation", "0"]);
+    receive_args.extend(["--out".into(), inbox.display().to_string()]);
+    let (mut receiving, line) = process::spawn(receive_args).await;
+    assert!(line.starts_with(&format!("receiving as {}", receiver.public())), "{line}");
+    let receiver_key = receiver.public().to_string();
+    let sent = ferry_json(
+        &[
+            &["send", file.to_str().unwrap(), "--to", &receiver_key][..],
+            &["--min-reputation", "0", "--budget", "0.5"],
+            &as_sender[..],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(sent["bytes"], 3_000_000);
+    assert_eq!(sent["blake3"], blake3::hash(&contents).to_string());
+    let exited = tokio::time::timeout(WAIT, tokio::task::spawn_blocking(move || receiving.wait()))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(exited.success());
+    assert!(std::fs::read(inbox.join("report.bin")).unwrap() == contents, "the file differs");
+
+    // The sender's channel to the cheaper relay, and its money.
+    let channels = ferry_json(&[&["channels", "list"], &as_sender[..]].concat()).await;
+    let channel = &channels["channels"][0];
+    assert_eq!(channel["relay"], key(10).public().to_string());
+    assert_eq!(channel["deposited"], "0.5");
+    let balance = ferry_json(&[&["balance"], &as_sender[..]].concat()).await;
+    assert_eq!(
+        (balance["available"].as_str(), balance["in_escrow"].as_str()),
+        (Some("2.5"), Some("0.5"))
+    );
+
+    // A TCP port forwarded to an echo server at the receiver's side.
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_address = echo.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (mut connection, _) = echo.accept().await.unwrap();
+        let (mut reader, mut writer) = connection.split();
+        tokio::io::copy(&mut reader, &mut writer).await.unwrap();
+    });
+    let mut serve_args = args(&as_receiver, &["tunnel", "--min-reputation", "0"]);
+    serve_args.extend([
+        "--serve".into(),
+        echo_address,
+        "--allow".into(),
+        sender.public().to_string(),
+    ]);
+    let (serving, line) = process::spawn(serve_args).await;
+    assert!(line.starts_with("serving"), "{line}");
+    let mut forward_args =
+        args(&as_sender, &["tunnel", "--min-reputation", "0", "--budget", "0.5"]);
+    forward_args.extend([
+        "--to".into(),
+        receiver_key.clone(),
+        "--local".into(),
+        "127.0.0.1:0".into(),
+    ]);
+    let (forwarding, line) = process::spawn(forward_args).await;
+    let local = line.split_whitespace().nth(1).unwrap().to_owned();
+    let mut connection = TcpStream::connect(&local).await.unwrap();
+    connection.write_all(b"ping through the market").await.unwrap();
+    let mut echoed = vec![0; 23];
+    tokio::time::timeout(WAIT, connection.read_exact(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(echoed, b"ping through the market");
+    drop(connection);
+    assert!(process::signal_and_wait(forwarding, "-TERM").await.success());
+    assert!(process::signal_and_wait(serving, "-TERM").await.success());
+
+    // The relays settle as they stop; closing returns the rest.
+    cheap.shutdown().await;
+    dear.shutdown().await;
+    let id = channel["id"].as_str().unwrap();
+    let closed =
+        ferry_json(&[&["channels", "close", id, "--finalize"], &as_sender[..]].concat()).await;
+    assert_eq!(closed["state"], "closed");
+    let statement = ferry(&[&["statement"], &as_sender[..]].concat()).await;
+    assert!(statement.contains("deposit") && statement.contains("refund"), "{statement}");
+    registry.assert_invariants().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
