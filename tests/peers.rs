@@ -289,3 +289,43 @@ async fn the_relay_carries_only_ciphertext_between_two_peers() {
     close_all(&sender).await;
     registry.assert_invariants().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_direct_address_is_dialled_first_and_costs_nothing() {
+    let registry = Registry::start().await;
+    let relay_key = key(12);
+    let relay = RunningRelay::start(&registry, &relay_key, |_| {}, store_dir("direct")).await;
+    listed(&registry, &[relay_key.public()]).await;
+
+    let (dialler_key, listener_key) = (key(3), key(4));
+    let config = EndpointConfig {
+        policy: any_relay(),
+        direct: Some("127.0.0.1:0".parse().unwrap()),
+        ..EndpointConfig::default()
+    };
+    let listener = Endpoint::new(registry.client(&listener_key), config);
+    let home = listener.listen().await.unwrap();
+    assert!(home.home.direct_address.is_some());
+    // Without a budget the dialler cannot pay a relay: only the direct
+    // route can work.
+    let dialler = listener_endpoint(&registry, &dialler_key);
+    let mut outgoing =
+        tokio::time::timeout(WAIT, dialler.dial(listener_key.public())).await.unwrap().unwrap();
+    outgoing.write_all(b"direct").await.unwrap();
+    outgoing.shutdown().await.unwrap();
+    let mut incoming = tokio::time::timeout(WAIT, listener.accept()).await.unwrap().unwrap();
+    assert_eq!(incoming.peer(), dialler_key.public());
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, incoming.read_to_end(&mut got)).await.unwrap().unwrap();
+    assert_eq!(got, b"direct");
+    assert!(dialler.paid().is_empty(), "nothing was paid");
+    incoming.shutdown().await.unwrap();
+
+    // A peer that published nothing cannot be dialled, and says so.
+    let nobody = dialler.dial(key(5).public()).await.unwrap_err();
+    assert!(nobody.to_string().contains("unknown_client"), "{nobody}");
+
+    listener.close().await;
+    relay.shutdown().await;
+    registry.assert_invariants().await;
+}
