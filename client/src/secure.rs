@@ -393,6 +393,13 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_identity_vector_holds() {
+        let proof = hex::encode(identity(&key(1), &[9; 32]));
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        assert!(doc.contains(&proof), "docs/PROTOCOL.md lacks the identity proof {proof}");
+    }
+
+    #[test]
     fn the_real_identity_proof_verifies() {
         let (initiator, proof) = half_handshake();
         assert_eq!(verify_identity(&proof, &initiator).unwrap(), key(2).public());

@@ -631,6 +631,20 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_record_vectors_hold() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        for record in [
+            Record::Hello { connection: [7; 16], received: 5 },
+            Record::Data(b"hi".to_vec()),
+            Record::Ack { received: 1 << 20 },
+            Record::Fin,
+        ] {
+            let bytes = hex::encode(record.encode());
+            assert!(doc.contains(&format!("`{bytes}`")), "docs/PROTOCOL.md lacks {record:?}: {bytes}");
+        }
+    }
+
+    #[test]
     fn unknown_empty_and_short_records_are_refused() {
         assert_eq!(Record::decode(&[]), Err(RecordError("empty")));
         assert_eq!(Record::decode(&[9]), Err(RecordError("unknown type")));
