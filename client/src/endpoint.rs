@@ -246,9 +246,6 @@ impl Endpoint {
     /// moves to the next route on its own.
     pub async fn dial(&self, peer: PublicKey) -> Result<Stream, EndpointError> {
         let shared = &self.shared;
-        if lock(&shared.connections).len() >= MAX_CONNECTIONS {
-            return Err(EndpointError::TooManyConnections);
-        }
         let routes = Arc::new(shared.routes(&peer).await?);
         let mut id: ConnectionId = [0; stream::CONNECTION_ID_BYTES];
         getrandom::fill(&mut id).map_err(|error| {
@@ -276,7 +273,9 @@ impl Endpoint {
                 })
             })
         };
-        Ok(shared.start_connection(id, peer, (link, None, None), Some(redial)))
+        shared
+            .start_connection(id, peer, (link, None, None), Some(redial))
+            .ok_or(EndpointError::TooManyConnections)
     }
 
     /// Every channel this endpoint pays through, with what is pending.
@@ -433,29 +432,41 @@ impl Shared {
         Ok(Link::new(*peer, route.name(), reader, writer))
     }
 
+    /// Registers connection `id` and starts it; none when the endpoint
+    /// holds [`MAX_CONNECTIONS`] or already knows the id. The entry is
+    /// registered before the task starts and removed only by its own task.
     fn start_connection(
         self: &Arc<Self>,
         id: ConnectionId,
         peer: PublicKey,
         first: Offered,
         redial: Option<Redial>,
-    ) -> Stream {
-        let weak = Arc::downgrade(self);
+    ) -> Option<Stream> {
+        let (links, queued) = stream::link_queue();
+        {
+            let mut connections = lock(&self.connections);
+            if connections.len() >= MAX_CONNECTIONS || connections.contains_key(&id) {
+                return None;
+            }
+            connections.insert(id, Resumable { peer, links: links.clone() });
+        }
+        let (weak, own) = (Arc::downgrade(self), links.clone());
         let forget = move || {
             if let Some(shared) = weak.upgrade() {
-                lock(&shared.connections).remove(&id);
+                let mut connections = lock(&shared.connections);
+                if connections.get(&id).is_some_and(|known| known.links.same_channel(&own)) {
+                    connections.remove(&id);
+                }
             }
         };
-        let (stream, links) = stream::start(id, peer, first, redial, forget);
-        lock(&self.connections).insert(id, Resumable { peer, links });
-        stream
+        Some(stream::start(id, peer, first, (links, queued), redial, forget))
     }
 
     /// An incoming link, from a relay tunnel or a direct connection:
     /// prove this endpoint's key, learn the caller's, read its hello, and
     /// hand the link to its connection (a new one for a new id).
     async fn incoming(self: Arc<Self>, transport: Box<dyn Transport>, route: String) {
-        let Ok(_permit) = self.pending_links.try_acquire() else {
+        let Ok(permit) = self.pending_links.try_acquire() else {
             tracing::warn!(%route, "too many links being set up; dropping one");
             return;
         };
@@ -479,6 +490,8 @@ impl Shared {
                 Ok(Err(error)) => return tracing::warn!(%route, %error, "incoming link refused"),
                 Err(_) => return tracing::warn!(%route, "incoming link timed out"),
             };
+        // Set up: the rest only hands the link over and must not wait.
+        drop(permit);
         let peer = link.peer;
         let existing = {
             let connections = lock(&self.connections);
@@ -486,22 +499,22 @@ impl Shared {
         };
         match existing {
             Some((known, links)) if known == peer => {
-                let _ = links.send((link, Some(id), Some(received))).await;
+                if links.try_send((link, Some(id), Some(received))).is_err() {
+                    tracing::warn!(%peer, "the connection has links waiting; dropping one");
+                }
             }
             Some(_) => tracing::warn!(%peer, "a link for another peer's connection"),
             None if received != 0 => {
                 tracing::warn!(%peer, "a resumed link for an unknown connection")
             }
-            None => {
-                if lock(&self.connections).len() >= MAX_CONNECTIONS {
-                    return tracing::warn!(%peer, "too many connections; refusing a new one");
+            None => match self.start_connection(id, peer, (link, Some(id), Some(received)), None) {
+                Some(stream) => {
+                    if self.accepted.try_send(stream).is_err() {
+                        tracing::warn!(%peer, "the application is not accepting; dropping a stream");
+                    }
                 }
-                let stream =
-                    self.start_connection(id, peer, (link, Some(id), Some(received)), None);
-                if self.accepted.try_send(stream).is_err() {
-                    tracing::warn!(%peer, "the application is not accepting; dropping a connection");
-                }
-            }
+                None => tracing::warn!(%peer, "too many connections; refusing a new one"),
+            },
         }
     }
 }

@@ -19,8 +19,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ferry_proto::PublicKey;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
-use tokio::sync::mpsc;
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf, ReadHalf, WriteHalf,
+};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::secure::{MAX_PLAINTEXT_BYTES, SecureError, SecureReader, SecureWriter};
@@ -41,10 +43,16 @@ pub const LINK_SILENCE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const RELINK_TIMEOUT: Duration = Duration::from_secs(20);
 /// Bytes buffered between the application and its connection task.
 pub const APP_BUFFER_BYTES: usize = 256 << 10;
+/// Bytes received and not yet taken by the application; while it is full
+/// the connection stops reading the link (TCP backpressure reaches the
+/// peer), but keeps sending acknowledgements and keepalives.
+pub const RECEIVE_BUFFER_BYTES: usize = 1 << 20;
 /// The most data one record carries.
 const DATA_CHUNK_BYTES: usize = 32 << 10;
 /// Records read ahead from a link.
 const LINK_RECORDS: usize = 16;
+/// The pause between two redials that both found no route.
+const REDIAL_PAUSE: Duration = Duration::from_millis(250);
 /// Links offered to one connection and not yet taken.
 pub(crate) const LINKS_QUEUED: usize = 4;
 
@@ -240,20 +248,50 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// The link a connection currently uses.
+/// The link a connection currently uses. Its reader and writer run as
+/// tasks of their own, so that the connection never waits on the network:
+/// a peer that stops reading cannot stall this side's reading, acks or
+/// keepalives.
 struct Active {
-    writer: SecureWriter,
+    /// Hello, Data and Fin, in order. Unbounded as a queue, but bounded by
+    /// the send window: data is queued once per link and only while
+    /// `sent - acked < SEND_BUFFER_BYTES`.
+    outbox: mpsc::UnboundedSender<Record>,
+    /// The newest count to acknowledge; the writer sends the latest only.
+    acks: watch::Sender<u64>,
     records: mpsc::Receiver<Result<Record, LinkError>>,
     reading: tokio::task::JoinHandle<()>,
+    /// None once [`Active::finish`] let it drain.
+    writing: Option<tokio::task::JoinHandle<()>>,
     route: String,
     /// Whether the peer's hello arrived and everything it lacked was resent.
     ready: bool,
     heard_at: Instant,
 }
 
+impl Active {
+    /// Ends a link at the end of the stream: its writer sends what is
+    /// queued and the last acknowledgement, then closes the link, within
+    /// [`LINK_SILENCE_TIMEOUT`].
+    fn finish(mut self) {
+        if let Some(mut writing) = self.writing.take() {
+            tokio::spawn(async move {
+                if tokio::time::timeout(LINK_SILENCE_TIMEOUT, &mut writing).await.is_err() {
+                    writing.abort();
+                }
+            });
+        }
+    }
+}
+
 impl Drop for Active {
     fn drop(&mut self) {
+        // A lost or replaced link: its writer may be stuck on a dead
+        // connection, so it goes too.
         self.reading.abort();
+        if let Some(writing) = &self.writing {
+            writing.abort();
+        }
     }
 }
 
@@ -284,16 +322,27 @@ impl Unacked {
     }
 }
 
+/// Bytes received and not yet taken by the application.
+#[derive(Default)]
+struct Inbox {
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes of the first chunk already delivered.
+    front_taken: usize,
+    bytes: usize,
+}
+
 /// One connection's state, owned by its task.
 struct Connection {
     id: ConnectionId,
     peer: PublicKey,
-    app: DuplexStream,
+    app_reader: ReadHalf<DuplexStream>,
+    app_writer: WriteHalf<DuplexStream>,
     outcome: Arc<Outcome>,
     links: mpsc::Receiver<Offered>,
     redial: Option<(Redial, mpsc::Sender<Offered>)>,
     link: Option<Active>,
     unacked: Unacked,
+    inbox: Inbox,
     /// Stream positions the peer acknowledged.
     acked: u64,
     /// Data bytes taken from the application.
@@ -303,46 +352,57 @@ struct Connection {
     /// Stream positions received from the peer (the end counts one).
     received: u64,
     peer_ended: bool,
+    /// The application's reading side was ended after the peer's Fin.
+    delivered_end: bool,
     acknowledged_received: u64,
-    /// When the connection lost its last link.
+    /// When the connection last had a link the peer answered on.
     unlinked_since: Option<Instant>,
 }
 
-/// Starts a connection task for `id` with `peer`, returns the
-/// application's stream and the queue that hands the task new links.
-/// A dialling connection gets `redial`, which it calls when its link dies.
+/// The queues that hand a connection new links.
+pub(crate) fn link_queue() -> (mpsc::Sender<Offered>, mpsc::Receiver<Offered>) {
+    mpsc::channel(LINKS_QUEUED)
+}
+
+/// Starts a connection task for `id` with `peer` on its `first` link, and
+/// returns the application's stream. `links` hands the task new links. A
+/// dialling connection gets `redial`, which it calls when its link dies.
 pub(crate) fn start(
     id: ConnectionId,
     peer: PublicKey,
     first: Offered,
+    (links_tx, links): (mpsc::Sender<Offered>, mpsc::Receiver<Offered>),
     redial: Option<Redial>,
     on_end: impl FnOnce() + Send + 'static,
-) -> (Stream, mpsc::Sender<Offered>) {
+) -> Stream {
     let (app, task_side) = tokio::io::duplex(APP_BUFFER_BYTES);
-    let (links_tx, links) = mpsc::channel(LINKS_QUEUED);
+    let (app_reader, app_writer) = tokio::io::split(task_side);
     let outcome = Arc::new(Outcome::default());
     let connection = Connection {
         id,
         peer,
-        app: task_side,
+        app_reader,
+        app_writer,
         outcome: Arc::clone(&outcome),
         links,
-        redial: redial.map(|redial| (redial, links_tx.clone())),
+        redial: redial.map(|redial| (redial, links_tx)),
         link: None,
         unacked: Unacked::default(),
+        inbox: Inbox::default(),
         acked: 0,
         sent: 0,
         app_ended: false,
         received: 0,
         peer_ended: false,
+        delivered_end: false,
         acknowledged_received: 0,
-        unlinked_since: None,
+        unlinked_since: Some(Instant::now()),
     };
     tokio::spawn(async move {
         connection.run(first).await;
         on_end();
     });
-    (Stream { io: app, peer, outcome }, links_tx)
+    Stream { io: app, peer, outcome }
 }
 
 /// Why a connection gives up.
@@ -358,7 +418,10 @@ impl Connection {
     async fn run(mut self, first: Offered) {
         let result = self.serve(first).await;
         match result {
-            Ok(()) => tracing::debug!(peer = %self.peer, "peer stream ended"),
+            Ok(()) => {
+                tracing::debug!(peer = %self.peer, "peer stream ended");
+                self.linger().await;
+            }
             Err(Fatal::AppGone) => tracing::debug!(peer = %self.peer, "the application left"),
             Err(Fatal::Failed(reason)) => {
                 tracing::warn!(peer = %self.peer, %reason, "peer stream failed");
@@ -368,37 +431,61 @@ impl Connection {
         // Dropping the task's end ends the application's reads.
     }
 
+    /// After the end, the peer may not have heard the last
+    /// acknowledgement: an accepting side answers a resuming dialler for a
+    /// while, so that the dialler's stream ends cleanly too.
+    async fn linger(&mut self) {
+        if self.redial.is_some() {
+            return;
+        }
+        let deadline = Instant::now() + RELINK_TIMEOUT;
+        while let Ok(Some(offered)) = tokio::time::timeout_at(deadline, self.links.recv()).await {
+            if self.install(offered).is_err() {
+                return;
+            }
+            // The answer to the peer's hello is all it needs.
+            if let Some(link) = self.link.take() {
+                link.finish();
+            }
+        }
+    }
+
     fn done(&self) -> bool {
-        self.app_ended && self.acked == self.sent + 1 && self.peer_ended
+        self.app_ended && self.acked == self.sent + 1 && self.delivered_end
     }
 
     async fn serve(&mut self, first: Offered) -> Result<(), Fatal> {
-        self.install(first).await?;
+        self.install(first)?;
         let mut buffer = vec![0u8; DATA_CHUNK_BYTES];
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.done() {
             let room = self.sent - self.acked.min(self.sent) < SEND_BUFFER_BYTES;
+            let inbox_room = self.inbox.bytes < RECEIVE_BUFFER_BYTES;
             let relink_deadline =
                 self.unlinked_since.map_or_else(Instant::now, |since| since + RELINK_TIMEOUT);
             tokio::select! {
-                read = self.app.read(&mut buffer), if !self.app_ended && room => {
+                read = self.app_reader.read(&mut buffer), if !self.app_ended && room => {
                     // An error here means the application dropped its end.
                     let read = read.unwrap_or(0);
-                    self.on_app_bytes(&buffer[..read]).await;
+                    self.on_app_bytes(&buffer[..read]);
                 }
-                record = next_record(&mut self.link) => match record {
+                written = write_front(&mut self.app_writer, &self.inbox), if self.inbox.bytes > 0 => {
+                    let written = written.map_err(|_| Fatal::AppGone)?;
+                    self.delivered(written).await;
+                }
+                record = next_record(&mut self.link), if inbox_room => match record {
                     Some(Ok(record)) => self.on_record(record).await?,
                     Some(Err(error)) => self.lose_link(&error.to_string()),
                     None => self.lose_link("the link ended"),
                 },
                 offered = self.links.recv(), if !self.links.is_closed() || !self.links.is_empty() => {
                     if let Some(offered) = offered {
-                        self.install(offered).await?;
+                        self.install(offered)?;
                     }
                 }
-                _ = keepalive.tick() => self.keep_alive().await,
-                () = tokio::time::sleep_until(relink_deadline), if self.link.is_none() => {
+                _ = keepalive.tick() => self.keep_alive(inbox_room),
+                () = tokio::time::sleep_until(relink_deadline), if self.unlinked_since.is_some() => {
                     return Err(Fatal::Failed(format!(
                         "no route to the peer for {} s",
                         RELINK_TIMEOUT.as_secs()
@@ -406,32 +493,55 @@ impl Connection {
                 }
             }
         }
-        if let Some(link) = self.link.as_mut() {
-            let _ = link.writer.shutdown().await;
+        if let Some(link) = self.link.take() {
+            link.finish();
         }
         Ok(())
     }
 
-    /// Sends a record on the link; a failure loses the link.
-    async fn send(&mut self, record: &Record) {
-        let Some(link) = self.link.as_mut() else { return };
-        if let Err(error) = link.writer.write(&record.encode()).await {
-            self.lose_link(&error.to_string());
+    /// Queues a record on the link; a link whose writer ended is lost.
+    fn send(&mut self, record: Record) {
+        let Some(link) = self.link.as_ref() else { return };
+        if link.outbox.send(record).is_err() {
+            self.lose_link("the link's writer ended");
         }
     }
 
-    async fn on_app_bytes(&mut self, bytes: &[u8]) {
+    fn on_app_bytes(&mut self, bytes: &[u8]) {
+        let ready = self.link.as_ref().is_some_and(|link| link.ready);
         if bytes.is_empty() {
             self.app_ended = true;
-            if self.link.as_ref().is_some_and(|link| link.ready) {
-                self.send(&Record::Fin).await;
+            if ready {
+                self.send(Record::Fin);
             }
             return;
         }
         self.sent += bytes.len() as u64;
         self.unacked.chunks.push_back(bytes.to_vec());
-        if self.link.as_ref().is_some_and(|link| link.ready) {
-            self.send(&Record::Data(bytes.to_vec())).await;
+        if ready {
+            self.send(Record::Data(bytes.to_vec()));
+        }
+    }
+
+    /// The application took `written` bytes of the inbox.
+    async fn delivered(&mut self, written: usize) {
+        let inbox = &mut self.inbox;
+        inbox.bytes -= written;
+        inbox.front_taken += written;
+        if inbox.chunks.front().is_some_and(|front| inbox.front_taken == front.len()) {
+            inbox.chunks.pop_front();
+            inbox.front_taken = 0;
+        }
+        if self.peer_ended && self.inbox.bytes == 0 {
+            self.end_delivery().await;
+        }
+    }
+
+    /// Everything the peer sent was delivered: end the application's reads.
+    async fn end_delivery(&mut self) {
+        if !self.delivered_end {
+            self.delivered_end = true;
+            let _ = self.app_writer.shutdown().await;
         }
     }
 
@@ -441,19 +551,18 @@ impl Connection {
         }
         let ready = self.link.as_ref().is_some_and(|link| link.ready);
         match record {
-            Record::Hello { connection, received } if !ready => {
-                self.hello(connection, received).await
-            }
+            Record::Hello { connection, received } if !ready => self.hello(connection, received),
             Record::Hello { .. } => Err(Fatal::Failed("a second hello on one link".into())),
             _ if !ready => Err(Fatal::Failed("a record before the peer's hello".into())),
             Record::Data(data) => {
                 if self.peer_ended {
                     return Err(Fatal::Failed("data after the end of the stream".into()));
                 }
-                self.app.write_all(&data).await.map_err(|_| Fatal::AppGone)?;
                 self.received += data.len() as u64;
+                self.inbox.bytes += data.len();
+                self.inbox.chunks.push_back(data);
                 if self.received - self.acknowledged_received >= ACK_EVERY_BYTES {
-                    self.acknowledge().await;
+                    self.acknowledge();
                 }
                 Ok(())
             }
@@ -461,9 +570,11 @@ impl Connection {
                 if !self.peer_ended {
                     self.peer_ended = true;
                     self.received += 1;
-                    let _ = self.app.shutdown().await;
+                    if self.inbox.bytes == 0 {
+                        self.end_delivery().await;
+                    }
                 }
-                self.acknowledge().await;
+                self.acknowledge();
                 Ok(())
             }
             Record::Ack { received } => self.peer_received(received),
@@ -485,13 +596,15 @@ impl Connection {
         Ok(())
     }
 
-    async fn acknowledge(&mut self) {
+    fn acknowledge(&mut self) {
         self.acknowledged_received = self.received;
-        self.send(&Record::Ack { received: self.received }).await;
+        if let Some(link) = self.link.as_ref() {
+            link.acks.send_replace(self.received);
+        }
     }
 
     /// The peer's hello on a new link: resend everything it lacks.
-    async fn hello(&mut self, connection: ConnectionId, received: u64) -> Result<(), Fatal> {
+    fn hello(&mut self, connection: ConnectionId, received: u64) -> Result<(), Fatal> {
         if connection != self.id {
             return Err(Fatal::Failed("a hello for another connection".into()));
         }
@@ -502,21 +615,31 @@ impl Connection {
         if let Some(link) = self.link.as_mut() {
             link.ready = true;
         }
-        let chunks: Vec<Vec<u8>> = self.unacked.chunks.iter().cloned().collect();
+        // The peer answered: this link counts as a route again.
+        self.unlinked_since = None;
         let mut skip = self.unacked.front_skip;
-        for chunk in chunks {
-            self.send(&Record::Data(chunk[skip..].to_vec())).await;
-            skip = 0;
+        let resend: Vec<Vec<u8>> = self
+            .unacked
+            .chunks
+            .iter()
+            .map(|chunk| {
+                let rest = chunk[skip..].to_vec();
+                skip = 0;
+                rest
+            })
+            .collect();
+        for chunk in resend {
+            self.send(Record::Data(chunk));
         }
         if self.app_ended && self.acked <= self.sent {
-            self.send(&Record::Fin).await;
+            self.send(Record::Fin);
         }
         Ok(())
     }
 
     /// Takes a new link: says hello on it and, when the peer's hello came
     /// with it, answers that.
-    async fn install(&mut self, (link, connection, received): Offered) -> Result<(), Fatal> {
+    fn install(&mut self, (link, connection, received): Offered) -> Result<(), Fatal> {
         if link.peer != self.peer {
             tracing::warn!(route = %link.route, "dropping a link to another peer");
             return Ok(());
@@ -524,19 +647,24 @@ impl Connection {
         let Link { reader, writer, route, .. } = link;
         let (records_tx, records) = mpsc::channel(LINK_RECORDS);
         let reading = tokio::spawn(read_records(reader, records_tx));
+        let (outbox, queued) = mpsc::unbounded_channel();
+        let (acks, acks_rx) = watch::channel(self.received);
+        let hello = Record::Hello { connection: self.id, received: self.received };
+        let writing = tokio::spawn(write_records(writer, hello, queued, acks_rx));
         tracing::debug!(%route, peer = %self.peer, "peer stream on a new link");
         self.link = Some(Active {
-            writer,
+            outbox,
+            acks,
             records,
             reading,
+            writing: Some(writing),
             route,
             ready: false,
             heard_at: Instant::now(),
         });
-        self.unlinked_since = None;
-        self.send(&Record::Hello { connection: self.id, received: self.received }).await;
+        self.unlinked_since.get_or_insert_with(Instant::now);
         match (connection, received) {
-            (Some(connection), Some(received)) => self.hello(connection, received).await,
+            (Some(connection), Some(received)) => self.hello(connection, received),
             _ => Ok(()),
         }
     }
@@ -544,25 +672,45 @@ impl Connection {
     fn lose_link(&mut self, why: &str) {
         let Some(lost) = self.link.take() else { return };
         tracing::info!(route = %lost.route, peer = %self.peer, why, "lost the link to the peer");
-        self.unlinked_since = Some(Instant::now());
+        let since = *self.unlinked_since.get_or_insert_with(Instant::now);
         if let Some((redial, links)) = &self.redial {
             let (redial, links) = (Arc::clone(redial), links.clone());
+            // Tries again until a link comes or the stream gives up.
+            let deadline = since + RELINK_TIMEOUT;
             tokio::spawn(async move {
-                if let Some(link) = redial().await {
-                    let _ = links.send((link, None, None)).await;
+                while Instant::now() < deadline && !links.is_closed() {
+                    if let Some(link) = redial().await {
+                        let _ = links.send((link, None, None)).await;
+                        return;
+                    }
+                    tokio::time::sleep(REDIAL_PAUSE).await;
                 }
             });
         }
     }
 
-    async fn keep_alive(&mut self) {
-        let Some(link) = self.link.as_ref() else { return };
+    fn keep_alive(&mut self, taking_records: bool) {
+        let Some(link) = self.link.as_mut() else { return };
+        if !taking_records {
+            // The application is slow, not the link: do not judge silence.
+            link.heard_at = Instant::now();
+        }
         if link.heard_at.elapsed() > LINK_SILENCE_TIMEOUT {
             self.lose_link("the link fell silent");
         } else if link.ready {
-            self.acknowledge().await;
+            self.acknowledge();
         }
     }
+}
+
+/// Writes as much of the inbox's first chunk as the application takes.
+async fn write_front(app: &mut WriteHalf<DuplexStream>, inbox: &Inbox) -> std::io::Result<usize> {
+    let Some(front) = inbox.chunks.front() else { return Ok(0) };
+    let written = app.write(&front[inbox.front_taken..]).await?;
+    if written == 0 {
+        return Err(std::io::ErrorKind::WriteZero.into());
+    }
+    Ok(written)
 }
 
 /// The next record of the current link; pending forever without a link.
@@ -584,6 +732,49 @@ async fn read_records(mut reader: SecureReader, records: mpsc::Sender<Result<Rec
             return;
         }
     }
+}
+
+/// Writes one record; false if it failed. A write may wait as long as the
+/// peer does not read: a slow application is not a dead link, which the
+/// reading side detects by its silence.
+async fn write_record(writer: &mut SecureWriter, record: Record) -> bool {
+    writer.write(&record.encode()).await.is_ok()
+}
+
+/// Writes `hello`, then queued records and the newest acknowledgement,
+/// until the queue closes (then it ends the link) or a write fails.
+async fn write_records(
+    mut writer: SecureWriter,
+    hello: Record,
+    mut queued: mpsc::UnboundedReceiver<Record>,
+    mut acks: watch::Receiver<u64>,
+) {
+    if !write_record(&mut writer, hello).await {
+        return;
+    }
+    acks.mark_unchanged();
+    loop {
+        let record = tokio::select! {
+            biased;
+            record = queued.recv() => match record {
+                Some(record) => record,
+                None => break,
+            },
+            changed = acks.changed() => match changed {
+                Ok(()) => Record::Ack { received: *acks.borrow_and_update() },
+                Err(_) => break,
+            },
+        };
+        if !write_record(&mut writer, record).await {
+            return;
+        }
+    }
+    // The connection ended or moved on: send the last acknowledgement.
+    if acks.has_changed().unwrap_or(false) {
+        let last = Record::Ack { received: *acks.borrow_and_update() };
+        write_record(&mut writer, last).await;
+    }
+    let _ = writer.shutdown().await;
 }
 
 /// The largest data record that fits in one encrypted record.
@@ -640,7 +831,10 @@ mod tests {
             Record::Fin,
         ] {
             let bytes = hex::encode(record.encode());
-            assert!(doc.contains(&format!("`{bytes}`")), "docs/PROTOCOL.md lacks {record:?}: {bytes}");
+            assert!(
+                doc.contains(&format!("`{bytes}`")),
+                "docs/PROTOCOL.md lacks {record:?}: {bytes}"
+            );
         }
     }
 
@@ -716,19 +910,16 @@ mod tests {
             })
         };
         let (near, mut far, first_relay) = link_pair(&dialer, &acceptor).await;
-        let (mut dialing, _) =
-            start([7; 16], acceptor.public(), (near, None, None), Some(redial), || {});
+        let first = (near, None, None);
+        let mut dialing =
+            start([7; 16], acceptor.public(), first, link_queue(), Some(redial), || {});
         let Ok(Record::Hello { connection, received }) = far.receive().await else {
             panic!("expected a hello")
         };
-        let (mut accepting, links) = start(
-            connection,
-            dialer.public(),
-            (far, Some(connection), Some(received)),
-            None,
-            || {},
-        );
-        relink.set(links).unwrap();
+        let (links, queued) = link_queue();
+        relink.set(links.clone()).unwrap();
+        let first = (far, Some(connection), Some(received));
+        let mut accepting = start(connection, dialer.public(), first, (links, queued), None, || {});
 
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = payload.clone();
@@ -752,12 +943,72 @@ mod tests {
         assert_eq!(redials.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
+    /// A dialling and an accepting stream over one link pair.
+    async fn stream_pair() -> (Stream, Stream, tokio::task::JoinHandle<()>) {
+        let (dialer, acceptor) = (SecretKey::from_seed(&[1; 32]), SecretKey::from_seed(&[2; 32]));
+        let (near, mut far, relay) = link_pair(&dialer, &acceptor).await;
+        let dialing =
+            start([7; 16], acceptor.public(), (near, None, None), link_queue(), None, || {});
+        let Ok(Record::Hello { connection, received }) = far.receive().await else {
+            panic!("expected a hello")
+        };
+        let first = (far, Some(connection), Some(received));
+        let accepting = start(connection, dialer.public(), first, link_queue(), None, || {});
+        (dialing, accepting, relay)
+    }
+
+    #[tokio::test]
+    async fn both_sides_sending_more_than_every_buffer_at_once_do_not_deadlock() {
+        let (dialing, accepting, _relay) = stream_pair().await;
+        let length = 3 * SEND_BUFFER_BYTES as usize;
+        let exchange = |mut stream: Stream, seed: u8| async move {
+            let sent: Vec<u8> = (0..length).map(|i| (i as u8).wrapping_mul(seed)).collect();
+            let (mut reader, mut writer) = tokio::io::split(&mut stream);
+            let writing = async {
+                writer.write_all(&sent).await.unwrap();
+                writer.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let reading = reader.read_to_end(&mut got);
+            let ((), read) = tokio::join!(writing, reading);
+            read.unwrap();
+            got
+        };
+        let both = async { tokio::join!(exchange(dialing, 3), exchange(accepting, 5)) };
+        let (from_acceptor, from_dialer) =
+            tokio::time::timeout(Duration::from_secs(60), both).await.expect("no deadlock");
+        assert_eq!(from_dialer.len(), length);
+        assert!(from_dialer.iter().enumerate().all(|(i, b)| *b == (i as u8).wrapping_mul(3)));
+        assert!(from_acceptor.iter().enumerate().all(|(i, b)| *b == (i as u8).wrapping_mul(5)));
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_keeps_its_link_alive() {
+        tokio::time::pause();
+        let (mut dialing, mut accepting, _relay) = stream_pair().await;
+        let writing = tokio::spawn(async move {
+            dialing.write_all(&vec![1u8; 8 << 20]).await.unwrap();
+            dialing.shutdown().await.unwrap();
+            dialing
+        });
+        let mut first = vec![0; 1 << 20];
+        accepting.read_exact(&mut first).await.unwrap();
+        // Every buffer fills while the application looks away for longer
+        // than a link's silence timeout.
+        tokio::time::sleep(LINK_SILENCE_TIMEOUT * 3).await;
+        let mut rest = Vec::new();
+        accepting.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(first.len() + rest.len(), 8 << 20);
+        writing.await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_stream_whose_link_never_returns_fails_with_a_reason() {
         tokio::time::pause();
         let (dialer, acceptor) = (SecretKey::from_seed(&[1; 32]), SecretKey::from_seed(&[2; 32]));
         let (near, far, relay) = link_pair(&dialer, &acceptor).await;
-        let (mut dialing, _) = start([7; 16], acceptor.public(), (near, None, None), None, || {});
+        let mut dialing =
+            start([7; 16], acceptor.public(), (near, None, None), link_queue(), None, || {});
         drop(far);
         relay.abort();
         let mut buffer = [0u8; 16];
