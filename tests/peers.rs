@@ -115,6 +115,11 @@ async fn relay_process(registry: &Registry, dir: &Path, price: &str) -> (Child, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_mid_transfer_leaves_the_stream_whole_on_another_relay() {
+    // The client's log shows with a failure: which routes failed and why.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("ferry_client=info")
+        .with_test_writer()
+        .try_init();
     let registry = Registry::start().await;
     let dir = std::env::temp_dir().join(format!("ferry-peers-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -360,10 +360,17 @@ impl Shared {
         // endpoint's reputation or region floor.
         let policy =
             SelectionPolicy { min_reputation: 0.0, region: None, ..self.config.policy.clone() };
-        let ranked = select::measure_and_rank(&self.me, &policy, offers).await;
+        let ranked = select::measure_and_rank(&self.me, &policy, offers.clone()).await;
         let mut routes: Vec<Route> =
             home.home.direct_address.into_iter().map(Route::Direct).collect();
-        routes.extend(ranked.into_iter().map(|ranked| Route::Relay(ranked.offer.address())));
+        let ranked: Vec<RelayAddress> =
+            ranked.into_iter().map(|ranked| ranked.offer.address()).collect();
+        // Relays that did not answer the probe (a busy moment) or were not
+        // ranked stay as last resorts, in the peer's order: failover may
+        // need them.
+        let rest = offers.iter().map(Offer::address).filter(|relay| !ranked.contains(relay));
+        let relays: Vec<RelayAddress> = ranked.iter().cloned().chain(rest).collect();
+        routes.extend(relays.into_iter().map(Route::Relay));
         Ok(routes)
     }
 
