@@ -502,14 +502,8 @@ async fn channels(cx: &Client, command: ChannelCommand) -> anyhow::Result<()> {
             }
         }
         ChannelCommand::Open { relay, amount, .. } => {
-            let mine = cx.registry.channels().await?;
-            let me = cx.registry.key().public();
-            let nonce = mine
-                .iter()
-                .filter(|c| c.client == me && c.relay == relay)
-                .map(|c| c.nonce)
-                .max()
-                .map_or(1, |nonce| nonce + 1);
+            let channels = cx.registry.channels().await?;
+            let nonce = ferry_client::next_nonce(&channels, &cx.registry.key().public(), &relay);
             let channel = cx.registry.open_channel(&relay, nonce, amount).await?;
             if cx.json {
                 return print_json(&json!(channel));

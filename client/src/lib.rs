@@ -19,4 +19,4 @@ pub mod stream;
 pub mod wallet;
 
 pub use endpoint::{Endpoint, EndpointConfig, EndpointError};
-pub use registry::{ChannelView, REQUEST_TIMEOUT, RegistryClient, RegistryError};
+pub use registry::{ChannelView, REQUEST_TIMEOUT, RegistryClient, RegistryError, next_nonce};

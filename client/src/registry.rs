@@ -264,6 +264,17 @@ impl RegistryClient {
     }
 }
 
+/// The nonce for `client`'s next channel to `relay`: one above the highest
+/// in `channels` (the client's listing), or 1 for its first.
+pub fn next_nonce(channels: &[ChannelView], client: &PublicKey, relay: &PublicKey) -> u64 {
+    channels
+        .iter()
+        .filter(|channel| channel.client == *client && channel.relay == *relay)
+        .map(|channel| channel.nonce)
+        .max()
+        .map_or(1, |nonce| nonce + 1)
+}
+
 /// The first `digits` hex digits of a channel id, to name an operation on
 /// the channel within the 64 characters an idempotency key may have.
 pub(crate) fn id_prefix(channel: &ChannelId, digits: usize) -> String {

@@ -161,11 +161,14 @@ impl SecureWriter {
 /// What one side proves: its ed25519 key and its signature of the Noise
 /// static key it uses on this link.
 fn identity(me: &SecretKey, static_public: &[u8]) -> Vec<u8> {
-    let mut signed = STATIC_KEY_TAG.to_vec();
-    signed.extend_from_slice(static_public);
     let mut payload = me.public().as_bytes().to_vec();
-    payload.extend_from_slice(me.sign(&signed).as_bytes());
+    payload.extend_from_slice(me.sign(&static_key_message(static_public)).as_bytes());
     payload
+}
+
+/// The bytes an identity proof signs: the tag and the Noise static key.
+fn static_key_message(static_public: &[u8]) -> Vec<u8> {
+    [STATIC_KEY_TAG, static_public].concat()
 }
 
 /// Checks the peer's identity payload against the static key the
@@ -180,9 +183,8 @@ fn verify_identity(payload: &[u8], handshake: &HandshakeState) -> Result<PublicK
     let key = <&[u8; 32]>::try_from(key).map_err(|_| SecureError::Identity)?;
     let key = PublicKey::from_bytes(key).map_err(|_| SecureError::Identity)?;
     let signature = <&[u8; 64]>::try_from(signature).map_err(|_| SecureError::Identity)?;
-    let mut signed = STATIC_KEY_TAG.to_vec();
-    signed.extend_from_slice(remote_static);
-    key.verify(&signed, &Signature::from_bytes(*signature)).map_err(|_| SecureError::Identity)?;
+    key.verify(&static_key_message(remote_static), &Signature::from_bytes(*signature))
+        .map_err(|_| SecureError::Identity)?;
     Ok(key)
 }
 

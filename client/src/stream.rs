@@ -165,11 +165,6 @@ impl Link {
         Link { peer, route, reader, writer }
     }
 
-    /// Sends one record.
-    pub async fn send(&mut self, record: &Record) -> Result<(), LinkError> {
-        Ok(self.writer.write(&record.encode()).await?)
-    }
-
     /// Reads one record.
     pub async fn receive(&mut self) -> Result<Record, LinkError> {
         Ok(Record::decode(&self.reader.read().await?)?)

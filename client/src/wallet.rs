@@ -4,7 +4,7 @@
 
 use ferry_proto::{Amount, ChannelId, PublicKey};
 
-use crate::registry::{ChannelView, RegistryClient, RegistryError, id_prefix};
+use crate::registry::{ChannelView, RegistryClient, RegistryError, id_prefix, next_nonce};
 
 /// How a client funds its channels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,11 +43,12 @@ impl Wallet {
     pub async fn channel_to(&self, relay: &PublicKey) -> Result<ChannelView, RegistryError> {
         let me = self.registry.key().public();
         let channels = self.registry.channels().await?;
-        let mine = channels.iter().filter(|c| c.client == me && c.relay == *relay);
-        if let Some(open) = mine.clone().find(|c| c.state == "open") {
+        let open =
+            channels.iter().find(|c| c.client == me && c.relay == *relay && c.state == "open");
+        if let Some(open) = open {
             return Ok(open.clone());
         }
-        let nonce = mine.map(|c| c.nonce).max().map_or(1, |nonce| nonce + 1);
+        let nonce = next_nonce(&channels, &me, relay);
         self.registry.open_channel(relay, nonce, self.budget.open).await
     }
 
