@@ -16,61 +16,11 @@ use ferry_client::relay::{Event, Payer, Session};
 use ferry_client::select::{SelectionPolicy, discover, keep_or_switch};
 use ferry_client::wallet::{Budget, Wallet};
 use ferry_proto::wire::{ListenPolicy, VoucherVerdict};
-use ferry_proto::{Amount, PricePerByte, SecretKey};
+use ferry_proto::{Amount, PricePerByte};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn nano(units: u128) -> PricePerByte {
     PricePerByte::from_attos(units * 1_000_000_000).unwrap()
-}
-
-/// Sets relays' stored reputation, as their history would have, once their
-/// first heartbeat (which recomputes it) is in, and waits until the
-/// registry's listing shows it.
-async fn set_reputations(registry: &Registry, scores: &[(&SecretKey, f64)]) {
-    let client = registry.client(&key(99));
-    let listed = |listing: &serde_json::Value, relay: &SecretKey| {
-        listing["relays"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|view| view["advert"]["advert"]["relay"] == relay.public().to_string())
-            .cloned()
-    };
-    let heard = async {
-        loop {
-            let listing = client.get("/v1/relays?live=false&limit=10").await.unwrap();
-            if scores.iter().all(|(relay, _)| {
-                listed(&listing, relay).is_some_and(|view| !view["last_heartbeat"].is_null())
-            }) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, heard).await.expect("every relay's first heartbeat is in");
-    let shown = async {
-        loop {
-            for (relay, score) in scores {
-                sqlx::query("UPDATE relays SET reputation = $1 WHERE key_bytes = $2")
-                    .bind(score)
-                    .bind(relay.public().as_bytes().as_slice())
-                    .execute(registry.ledger.pool())
-                    .await
-                    .unwrap();
-            }
-            let listing = client.get("/v1/relays?live=false&limit=10").await.unwrap();
-            let agrees = scores.iter().all(|(relay, score)| {
-                listed(&listing, relay)
-                    .is_some_and(|view| view["reputation"]["score"].as_f64() == Some(*score))
-            });
-            if agrees {
-                return;
-            }
-            // The listing is a snapshot at most a second old.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, shown).await.expect("the listing shows the reputations");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +47,7 @@ async fn a_client_picks_the_cheapest_reputable_relay_pays_for_what_it_carried_an
             .await,
         );
     }
-    set_reputations(&registry, &[(&cheap, 0.1), (&middle, 0.8), (&dear, 0.9)]).await;
+    registry.set_reputations(&[(&cheap, 0.1), (&middle, 0.8), (&dear, 0.9)]).await;
 
     let (caller, callee) = (key(21), key(22));
     let budget: Amount = "5".parse().unwrap();

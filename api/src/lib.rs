@@ -29,6 +29,8 @@ mod openapi;
 mod probe;
 mod relays;
 mod reputation;
+mod totals;
+mod web;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -147,9 +149,11 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(relays::detail))
         .routes(routes!(relays::publish))
         .routes(routes!(relays::heartbeat))
+        .routes(routes!(totals::totals))
         .split_for_parts();
     routes
         .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
+        .merge(web::routes())
         .fallback(error::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), limit::limit_requests))
         .layer(middleware::from_fn_with_state(state.clone(), metrics::track))

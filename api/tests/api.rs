@@ -97,7 +97,7 @@ async fn the_openapi_document_describes_every_route_the_registry_serves() {
             );
         }
     }
-    assert_eq!(operations, 21, "every endpoint is documented");
+    assert_eq!(operations, 22, "every endpoint is documented");
     for schema in
         ["SignedAdvert", "SignedHomeRelays", "ChannelInfo", "SettlementOutcome", "ErrorBody"]
     {
@@ -127,6 +127,16 @@ async fn the_openapi_document_describes_every_route_the_registry_serves() {
     let ui = client.get(format!("{}/docs/", registry.base)).send().await.unwrap();
     assert_eq!(ui.status(), StatusCode::OK);
     assert!(ui.text().await.unwrap().contains("swagger"), "the browsable UI is served");
+    // The relay explorer and its assets, with a policy that allows only its own.
+    for (path, content_type) in
+        [("/", "text/html"), ("/assets/app.js", "text/javascript"), ("/assets/app.css", "text/css")]
+    {
+        let page = client.get(format!("{}{path}", registry.base)).send().await.unwrap();
+        assert_eq!(page.status(), StatusCode::OK, "{path}");
+        let headers = page.headers();
+        assert!(headers["content-type"].to_str().unwrap().starts_with(content_type), "{path}");
+        assert!(headers["content-security-policy"].to_str().unwrap().contains("script-src 'self'"));
+    }
     registry.stop().await;
 }
 
@@ -173,6 +183,14 @@ async fn a_channel_lives_through_the_api() {
     assert_eq!(status, StatusCode::OK, "{settled}");
     assert_eq!(settled["outcomes"][1]["outcome"], "settled");
     assert_eq!(settled["outcomes"][1]["paid"], "14.85");
+    let totals = reqwest::get(format!("{}/v1/market", registry.base)).await.unwrap();
+    let totals: serde_json::Value = totals.json().await.unwrap();
+    assert_eq!(
+        (&totals["open_channels"], &totals["in_escrow"], &totals["settled"], &totals["fees"]),
+        (&json!(1), &json!("25"), &json!("25"), &json!("0.25")),
+        "{totals}"
+    );
+    assert_eq!(totals["deposited"], "100");
 
     for reader in [&client, &relay] {
         let (status, read) = Call::new("GET", &format!("/v1/channels/{id}"), None)
@@ -236,6 +254,13 @@ async fn a_channel_lives_through_the_api() {
     .await;
     assert_eq!(status, StatusCode::OK, "{withdrawn}");
     assert_eq!(withdrawn["balance"], "0");
+    let totals = reqwest::get(format!("{}/v1/market", registry.base)).await.unwrap();
+    let totals: serde_json::Value = totals.json().await.unwrap();
+    assert_eq!(
+        (&totals["open_channels"], &totals["in_escrow"], &totals["settled"], &totals["deposited"]),
+        (&json!(0), &json!("0"), &json!("30"), &json!("70.3")),
+        "{totals}"
+    );
     registry.assert_invariants().await;
     registry.stop().await;
 }

@@ -80,6 +80,56 @@ impl Registry {
         channel["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// Sets relays' stored reputation, as their history would have, once their
+    /// first heartbeat (which recomputes it) is in, and waits until the
+    /// registry's listing shows it.
+    pub async fn set_reputations(&self, scores: &[(&SecretKey, f64)]) {
+        let client = self.client(&key(99));
+        let listed = |listing: &serde_json::Value, relay: &SecretKey| {
+            listing["relays"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|view| view["advert"]["advert"]["relay"] == relay.public().to_string())
+                .cloned()
+        };
+        let heard = async {
+            loop {
+                let listing = client.get("/v1/relays?live=false&limit=10").await.unwrap();
+                if scores.iter().all(|(relay, _)| {
+                    listed(&listing, relay).is_some_and(|view| !view["last_heartbeat"].is_null())
+                }) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(WAIT, heard).await.expect("every relay's first heartbeat is in");
+        let shown = async {
+            loop {
+                for (relay, score) in scores {
+                    sqlx::query("UPDATE relays SET reputation = $1 WHERE key_bytes = $2")
+                        .bind(score)
+                        .bind(relay.public().as_bytes().as_slice())
+                        .execute(self.ledger.pool())
+                        .await
+                        .unwrap();
+                }
+                let listing = client.get("/v1/relays?live=false&limit=10").await.unwrap();
+                let agrees = scores.iter().all(|(relay, score)| {
+                    listed(&listing, relay)
+                        .is_some_and(|view| view["reputation"]["score"].as_f64() == Some(*score))
+                });
+                if agrees {
+                    return;
+                }
+                // The listing is a snapshot at most a second old.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::time::timeout(WAIT, shown).await.expect("the listing shows the reputations");
+    }
+
     pub async fn assert_invariants(&self) {
         let report = self.ledger.check().await.unwrap();
         assert!(report.is_ok(), "{:#?}", report.violations);
