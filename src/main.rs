@@ -25,8 +25,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a demonstration of the marketplace on a private, throwaway Postgres.
-    Demo,
+    /// Run the whole marketplace, narrated, on a private, throwaway Postgres.
+    Demo(demo::DemoArgs),
     /// Inspect the ledger.
     Ledger {
         #[command(subcommand)]
@@ -233,7 +233,7 @@ pub(crate) async fn shutdown_signal() {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Demo => demo::run().await.map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => demo::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Registry(args) => registry(args).await.map(|()| ExitCode::SUCCESS),
         Command::Relay(args) => relay::run(*args).await.map(|()| ExitCode::SUCCESS),

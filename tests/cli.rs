@@ -21,20 +21,67 @@ fn text(output: &Output) -> String {
 }
 
 #[test]
-fn the_demo_runs_the_ledger_end_to_end() {
-    let output = ferry(&["demo"]);
-    let shown = text(&output);
-    assert!(output.status.success(), "{shown}");
+fn the_demo_runs_the_whole_market_and_keeps_the_registry_up_when_asked() {
+    use std::io::BufRead;
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["demo", "--keep", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = demo.stdout.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut shown = String::new();
+    let url = loop {
+        let line = received
+            .recv_timeout(std::time::Duration::from_secs(180))
+            .unwrap_or_else(|_| panic!("the demo went quiet or stopped early:\n{shown}"));
+        shown.push_str(&line);
+        shown.push('\n');
+        if let Some(rest) = line.split("stay up: open ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
     for expected in [
-        "rejected: the signature is not the channel client's",
-        "already settled: nothing paid",
-        "same answer as the first time: yes; relay-eu's balance unchanged",
-        "finalize now: refused",
+        "the registry lists all four as live",
+        "bob listens on relay-a and relay-c",
+        "crashes (SIGKILL) with 8 of 24 MiB delivered",
+        "the stream moved to the next relay on its own",
+        "matches what alice sent",
+        "the registry's probes find relay-a down",
+        "settles them in its next round",
+        "reputation, as the registry computes it",
+        "closed: deposited 0.04",
+        "withdraws its earnings",
         "all invariants hold",
-        "removed its directory",
     ] {
         assert!(shown.contains(expected), "demo output lacks {expected:?}:\n{shown}");
     }
+    // The registry and its web page are still up, with the market's totals.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let page = reqwest::get(&url).await.unwrap();
+        assert!(page.status().is_success());
+        assert!(page.text().await.unwrap().contains("relay explorer"));
+        let totals: serde_json::Value =
+            reqwest::get(format!("{url}v1/market")).await.unwrap().json().await.unwrap();
+        assert_eq!(totals["relays"], 4, "{totals}");
+        assert_eq!(totals["open_channels"], 0, "{totals}");
+        assert_eq!(totals["in_escrow"], "0", "{totals}");
+    });
+    let signalled = Command::new("kill").args(["-TERM", &demo.id().to_string()]).status().unwrap();
+    assert!(signalled.success());
+    let status = demo.wait().unwrap();
+    let rest: Vec<String> = received.iter().collect();
+    assert!(status.success(), "{shown}{}", rest.join("\n"));
+    assert!(rest.iter().any(|line| line.contains("removed its directory")), "{rest:?}");
 }
 
 #[test]
