@@ -9,7 +9,7 @@ const PAGE_LIMIT = 500;
 /** At most this many pages are read: 10,000 relays. */
 const MAX_PAGES = 20;
 /** How often the open view is read again. */
-const REFRESH_MS = 5000;
+const REFRESH_MS = 30000;
 const SVG = "http://www.w3.org/2000/svg";
 
 const view = {
