@@ -5,6 +5,9 @@ mod ledger;
 mod registry;
 mod relay;
 
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use ferry_ledger::IdempotencyKey;
 
@@ -54,21 +57,123 @@ pub struct BenchArgs {
     /// Idle authenticated sessions held open for the memory measurement.
     #[arg(long, default_value_t = 10_000)]
     pub idle_sessions: usize,
+    /// The file whose generated sections get each suite's table.
+    #[arg(long, default_value = "docs/BENCHMARKS.md")]
+    pub report: PathBuf,
+    /// Print the tables only; write nothing.
+    #[arg(long)]
+    pub no_report: bool,
 }
 
-/// Runs the chosen benchmarks and prints their reports.
+/// One suite's results: a markdown table of figures against their
+/// baselines, and notes below it.
+pub struct Table {
+    header: String,
+    rows: Vec<String>,
+    notes: Vec<String>,
+}
+
+impl Table {
+    fn new(subject: &str) -> Table {
+        Table {
+            header: format!(
+                "| measure | {subject} | baseline (same run) | ratio |\n|---|---|---|---|"
+            ),
+            rows: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// Adds a row, already in markdown.
+    fn row(&mut self, row: String) {
+        self.rows.push(row);
+    }
+
+    /// Adds a line below the table.
+    fn note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    fn markdown(&self) -> String {
+        let mut text = format!("{}\n{}\n", self.header, self.rows.join("\n"));
+        for note in &self.notes {
+            text.push_str(&format!("\n{note}\n"));
+        }
+        text
+    }
+}
+
+/// Runs the chosen benchmarks, prints their tables, and writes each into
+/// its generated section of the report file.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    println!("machine: {}\n", machine());
-    if matches!(args.suite, Suite::All | Suite::Ledger) {
-        ledger::run(&args).await?;
+    let machine = machine();
+    println!("machine: {machine}\n");
+    if !args.no_report {
+        // Fail before minutes of measuring, not after.
+        let report = std::fs::read_to_string(&args.report).with_context(|| {
+            format!(
+                "reading {} (run from the repository, or pass --report or --no-report)",
+                args.report.display()
+            )
+        })?;
+        for suite in ["ledger", "registry", "relay"] {
+            section_bounds(&report, suite)?;
+        }
     }
-    if matches!(args.suite, Suite::All | Suite::Registry) {
-        registry::run(&args).await?;
-    }
-    if matches!(args.suite, Suite::All | Suite::Relay) {
-        relay::run(&args).await?;
+    let suites: [(&str, Suite); 3] =
+        [("ledger", Suite::Ledger), ("registry", Suite::Registry), ("relay", Suite::Relay)];
+    for (name, suite) in suites {
+        if !matches!(args.suite, Suite::All) && args.suite != suite {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let table = match suite {
+            Suite::Ledger => ledger::run(&args).await?,
+            Suite::Registry => registry::run(&args).await?,
+            _ => relay::run(&args).await?,
+        };
+        let markdown = table.markdown();
+        println!("\n{markdown}");
+        if !args.no_report {
+            let when = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
+            let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
+            let section = format!(
+                "Latest run: {when}, on {machine}; `ferry {command}`; this suite took {:.0} s.\n\n{markdown}",
+                started.elapsed().as_secs_f64()
+            );
+            write_section(&args.report, name, &section)?;
+            println!("written to {} (section \"{name}\")", args.report.display());
+        }
     }
     Ok(())
+}
+
+/// The generated section's markers for `suite`.
+fn markers(suite: &str) -> (String, String) {
+    (
+        format!("<!-- ferry bench {suite}: begin (generated; `ferry bench` rewrites it) -->"),
+        format!("<!-- ferry bench {suite}: end -->"),
+    )
+}
+
+/// Where `suite`'s generated section starts and ends in `report`.
+fn section_bounds(report: &str, suite: &str) -> anyhow::Result<(usize, usize)> {
+    let (begin, end) = markers(suite);
+    let start =
+        report.find(&begin).with_context(|| format!("the report lacks the line {begin}"))?;
+    let stop = report[start..]
+        .find(&end)
+        .map(|offset| start + offset)
+        .with_context(|| format!("the report lacks the line {end}"))?;
+    Ok((start + begin.len(), stop))
+}
+
+/// Replaces `suite`'s generated section of the file at `path` with `section`.
+fn write_section(path: &Path, suite: &str, section: &str) -> anyhow::Result<()> {
+    let report = std::fs::read_to_string(path)?;
+    let (start, stop) = section_bounds(&report, suite)?;
+    let updated = format!("{}\n{section}{}", &report[..start], &report[stop..]);
+    std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
 }
 
 fn mean(values: &[f64]) -> f64 {
@@ -88,17 +193,33 @@ fn idempotency(text: &str) -> anyhow::Result<IdempotencyKey> {
     Ok(text.parse()?)
 }
 
-/// The CPU model and core count, for the record.
+/// The CPU model, cores, memory and kernel, for the record.
 fn machine() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines().find_map(|line| {
-                line.strip_prefix("model name")
-                    .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("model name")
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    format!("{model}, {cores} cores")
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                let kib: u64 = line
+                    .strip_prefix("MemTotal:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some(kib as f64 / f64::from(1 << 20))
+            })
+        })
+        .map_or_else(|| "unknown memory".to_owned(), |gib| format!("{gib:.0} GiB"));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown kernel".to_owned(), |text| format!("Linux {}", text.trim()));
+    format!("{model}, {cores} cores, {memory_gib}, {kernel}")
 }

@@ -13,7 +13,7 @@ use ferry_ledger::{Ledger, LedgerConfig, SettlementOutcome};
 use ferry_proto::{Amount, ChannelId, SecretKey, SignedVoucher, Voucher};
 use tokio::task::JoinSet;
 
-use super::{BenchArgs, idempotency, mean, percentile};
+use super::{BenchArgs, Table, idempotency, mean, percentile};
 use crate::db::Database;
 
 /// Concurrent clients of the pgbench throughput baseline.
@@ -27,7 +27,7 @@ struct PgbenchResult {
 }
 
 /// Runs the ledger benchmark on a private durable cluster.
-pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: &BenchArgs) -> anyhow::Result<Table> {
     anyhow::ensure!(
         args.relays > 0 && args.batch > 0 && args.rounds > 0 && args.singles > 0,
         "counts must be positive"
@@ -42,7 +42,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
+async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
     let cluster = db.cluster().context("the benchmark needs its own cluster")?;
     println!("ferry bench: ledger settlement against pgbench on the same cluster (fsync on)");
 
@@ -80,40 +80,42 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
     );
 
     let single_mean = mean(&singles);
-    println!("\n| measure | ferry | baseline (same run) | ratio |");
-    println!("|---|---|---|---|");
-    println!(
+    let mut table = Table::new("ferry");
+    table.row(format!(
         "| settlement, batched ({} relays × {} vouchers) | {:.0} vouchers/s | pgbench TPC-B, {PGBENCH_CLIENTS} clients: {:.0} tx/s | {:.2}× |",
         args.relays,
         args.batch,
         batched_rate,
         pg_many.tps,
         batched_rate / pg_many.tps
-    );
-    println!(
+    ));
+    table.row(format!(
         "| settlement, one voucher per call: mean latency | {:.2} ms | pgbench TPC-B, 1 client: {:.2} ms | {:.2}× |",
         single_mean,
         pg_single.latency_ms,
         single_mean / pg_single.latency_ms
-    );
-    println!(
+    ));
+    table.row(format!(
         "| settlement, one voucher per call: p99 latency | {:.2} ms | | |",
         percentile(&singles, 0.99)
-    );
-    println!("| settlement, batched: p99 batch latency | {batch_p99_ms:.1} ms | | |");
-    println!(
+    ));
+    table.row(format!("| settlement, batched: p99 batch latency | {batch_p99_ms:.1} ms | | |"));
+    table.row(format!(
         "| one round trip (`SELECT 1`) on the same pool, for scale | {round_trip_ms:.3} ms | | settlement takes {:.0}× as long |",
         single_mean / round_trip_ms
-    );
-    println!(
+    ));
+    table.row(format!(
         "| settlement, one voucher per call: rate | {:.0} vouchers/s | pgbench TPC-B, 1 client: {:.0} tx/s | {:.2}× |",
         1000.0 / single_mean,
         pg_single.tps,
         (1000.0 / single_mean) / pg_single.tps
-    );
-    println!("\nledger check after the run: all invariants hold ({} transfers)", report.transfers);
+    ));
+    table.note(format!(
+        "ledger check after the run: all invariants hold ({} transfers)",
+        report.transfers
+    ));
     ledger.close().await;
-    Ok(())
+    Ok(table)
 }
 
 /// A channel and the key of its client, who signs its vouchers.

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use super::ledger::Market;
-use super::{BenchArgs, percentile};
+use super::{BenchArgs, Table, percentile};
 use crate::db::Database;
 
 /// Seconds of unmeasured load before each measured run, so connections are
@@ -32,7 +32,7 @@ const PAGE: u32 = 50;
 const POOL_CONNECTIONS: u32 = 32;
 
 /// Runs the registry benchmark on a private durable cluster.
-pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: &BenchArgs) -> anyhow::Result<Table> {
     anyhow::ensure!(
         args.listed_relays > 0 && args.connections > 0 && args.seconds > 0,
         "counts must be positive"
@@ -99,7 +99,7 @@ async fn serve_trivial() -> anyhow::Result<Served> {
     Ok(Served { base, stop, task })
 }
 
-async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
+async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
     println!("ferry bench: the registry API against a trivial axum handler (same process)");
     let config = LedgerConfig { max_connections: POOL_CONNECTIONS, ..LedgerConfig::default() };
     let ledger = Ledger::connect(db.options().clone(), config).await?;
@@ -152,38 +152,40 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
     trivial.stop().await?;
     ledger.close().await;
 
-    println!("\n| measure | registry | baseline (same run) | ratio |");
-    println!("|---|---|---|---|");
+    let mut table = Table::new("registry");
     for (name, baseline, listing) in &rows {
-        println!(
+        table.row(format!(
             "| listing {} relays by {name} ({PAGE} per page), {connections} connections: rate | {:.0} req/s | trivial axum handler: {:.0} req/s | {:.2}× |",
             args.listed_relays,
             listing.rate,
             baseline.rate,
             listing.rate / baseline.rate
-        );
-        println!(
+        ));
+        table.row(format!(
             "| listing by {name}: p99 latency | {:.2} ms | trivial: {:.2} ms | p50 {:.2} ms |",
             listing.p99_ms, baseline.p99_ms, listing.p50_ms
-        );
+        ));
     }
-    println!(
+    table.row(format!(
         "| settlement endpoint, batched ({} relays × {} vouchers) | {:.0} vouchers/s | direct ledger calls: {:.0} vouchers/s | {:.2}× |",
         args.relays,
         args.batch,
         http_rate,
         direct_rate,
         http_rate / direct_rate
-    );
-    println!(
+    ));
+    table.row(format!(
         "| settlement, p99 latency of one batch | {http_p99_ms:.0} ms | direct: {direct_p99_ms:.0} ms | |"
-    );
-    println!(
+    ));
+    table.row(format!(
         "| registering a relay (signed advert + heartbeat), {connections} connections | {:.0} relays/s | | |",
         registration
-    );
-    println!("\nledger check after the run: all invariants hold ({} transfers)", report.transfers);
-    Ok(())
+    ));
+    table.note(format!(
+        "ledger check after the run: all invariants hold ({} transfers)",
+        report.transfers
+    ));
+    Ok(table)
 }
 
 /// Registers `count` relays, each with a signed advertisement (random price

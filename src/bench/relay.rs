@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use super::registry::bench_registry;
-use super::{BenchArgs, idempotency};
+use super::{BenchArgs, Table, idempotency};
 use crate::db::Database;
 
 /// The credit window of the paid runs (the goal is stated for it).
@@ -35,7 +35,7 @@ const CHUNK: usize = 64 * 1024;
 const SESSION_CONCURRENCY: usize = 64;
 
 /// Runs the relay benchmark.
-pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: &BenchArgs) -> anyhow::Result<Table> {
     anyhow::ensure!(args.tunnel_bytes > 0 && args.idle_sessions > 0, "counts must be positive");
     let db = Database::embedded(EmbeddedOptions::ephemeral("ferry-bench-relay-pg", true)?).await?;
     let result = run_on(&db, args).await;
@@ -43,7 +43,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
+async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
     println!("ferry bench: one relay tunnel against a bare tokio TCP proxy (same process)");
     let ledger = Ledger::connect(db.options().clone(), LedgerConfig::default()).await?;
     let registry = bench_registry(&ledger).await?;
@@ -89,49 +89,51 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&scratch);
 
     let mib_s = |run: &Run| bytes as f64 / run.seconds / f64::from(1 << 20);
-    println!("\n| measure | relay | baseline (same run) | ratio |");
-    println!("|---|---|---|---|");
+    let mut table = Table::new("relay");
     for (round, (proxy, free, paid, wide)) in rows.iter().enumerate() {
-        println!(
+        table.row(format!(
             "| round {}: one tunnel, paid (1 MiB credit window) | {:.0} MiB/s | bare tokio proxy: {:.0} MiB/s | {:.2}× |",
             round + 1,
             mib_s(paid),
             mib_s(proxy),
             mib_s(paid) / mib_s(proxy)
-        );
-        println!(
+        ));
+        table.row(format!(
             "| round {}: one tunnel, paid (4 MiB credit window) | {:.0} MiB/s | bare tokio proxy: {:.0} MiB/s | {:.2}× |",
             round + 1,
             mib_s(wide),
             mib_s(proxy),
             mib_s(wide) / mib_s(proxy)
-        );
-        println!(
+        ));
+        table.row(format!(
             "| round {}: one tunnel, free (no payment) | {:.0} MiB/s | bare tokio proxy: {:.0} MiB/s | {:.2}× |",
             round + 1,
             mib_s(free),
             mib_s(proxy),
             mib_s(free) / mib_s(proxy)
-        );
+        ));
         let share = (paid.cpu_seconds - free.cpu_seconds) / paid.cpu_seconds;
-        println!(
+        table.row(format!(
             "| round {}: CPU share of payments (process CPU, paid vs free run) | {:.1} % | {} vouchers, {:.2} s vs {:.2} s CPU | |",
             round + 1,
             share * 100.0,
             paid.vouchers,
             paid.cpu_seconds,
             free.cpu_seconds
-        );
+        ));
     }
     let per_session = (rss_after.saturating_sub(rss_before)) as f64 / args.idle_sessions as f64;
-    println!(
+    table.row(format!(
         "| resident memory per idle authenticated session (`ferry relay` process) | {:.1} KiB | RSS {} MiB → {} MiB | |",
         per_session / 1024.0,
         rss_before >> 20,
         rss_after >> 20
-    );
-    println!("\nledger check after the run: all invariants hold ({} transfers)", report.transfers);
-    Ok(())
+    ));
+    table.note(format!(
+        "ledger check after the run: all invariants hold ({} transfers)",
+        report.transfers
+    ));
+    Ok(table)
 }
 
 /// One throughput run: wall seconds, and this process's CPU seconds.
