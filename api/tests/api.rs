@@ -26,6 +26,13 @@ async fn deposit(
     .await
 }
 
+/// The public `GET /v1/market`.
+async fn market_totals(registry: &Registry) -> Value {
+    let answer = reqwest::get(format!("{}/v1/market", registry.base)).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    answer.json().await.unwrap()
+}
+
 async fn available(registry: &Registry, who: &ferry_proto::SecretKey) -> String {
     let (status, body) = Call::new("GET", &format!("/v1/accounts/{}", who.public()), None)
         .send(&registry.base, who)
@@ -183,8 +190,7 @@ async fn a_channel_lives_through_the_api() {
     assert_eq!(status, StatusCode::OK, "{settled}");
     assert_eq!(settled["outcomes"][1]["outcome"], "settled");
     assert_eq!(settled["outcomes"][1]["paid"], "14.85");
-    let totals = reqwest::get(format!("{}/v1/market", registry.base)).await.unwrap();
-    let totals: serde_json::Value = totals.json().await.unwrap();
+    let totals = market_totals(&registry).await;
     assert_eq!(
         (&totals["open_channels"], &totals["in_escrow"], &totals["settled"], &totals["fees"]),
         (&json!(1), &json!("25"), &json!("25"), &json!("0.25")),
@@ -254,8 +260,7 @@ async fn a_channel_lives_through_the_api() {
     .await;
     assert_eq!(status, StatusCode::OK, "{withdrawn}");
     assert_eq!(withdrawn["balance"], "0");
-    let totals = reqwest::get(format!("{}/v1/market", registry.base)).await.unwrap();
-    let totals: serde_json::Value = totals.json().await.unwrap();
+    let totals = market_totals(&registry).await;
     assert_eq!(
         (&totals["open_channels"], &totals["in_escrow"], &totals["settled"], &totals["deposited"]),
         (&json!(0), &json!("0"), &json!("30"), &json!("70.3")),
