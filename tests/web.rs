@@ -9,6 +9,7 @@
 mod common;
 
 use std::io::BufRead;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -30,17 +31,8 @@ struct Browser {
     driver: Child,
     base: String,
     http: reqwest::Client,
-    _profile: tempdir::Dir,
-}
-
-/// A throwaway browser profile directory, removed on drop.
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    /// The browser's throwaway profile, removed with the browser.
+    profile: PathBuf,
 }
 
 fn find_program(names: &[&str]) -> Option<PathBuf> {
@@ -59,8 +51,11 @@ impl Browser {
         let chromium = find_program(&["chromium", "chromium-browser", "google-chrome"])
             .expect("chromium is not installed: apt-get install -y chromium chromium-driver");
         // Port 0: ChromeDriver picks a free port and says which.
+        // In a process group of its own, so the browsers it starts can be
+        // stopped with it even when a test fails before it quits them.
         let mut driver = Command::new(driver_path)
             .arg("--port=0")
+            .process_group(0)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -88,9 +83,7 @@ impl Browser {
         .await
         .expect("chromedriver starts in time")
         .unwrap();
-        let profile = tempdir::Dir(
-            std::env::temp_dir().join(format!("ferry-web-test-{}", std::process::id())),
-        );
+        let profile = store_dir("chromium-profile");
         let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
         let base = format!("http://127.0.0.1:{port}");
         let capabilities = json!({
@@ -101,7 +94,7 @@ impl Browser {
                     // As root, Chromium runs only without its sandbox.
                     "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                              "--disable-dev-shm-usage", "--window-size=1280,1400",
-                             format!("--user-data-dir={}", profile.0.display())],
+                             format!("--user-data-dir={}", profile.display())],
                 },
             }},
         });
@@ -117,8 +110,7 @@ impl Browser {
         let id = session["value"]["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no browser session: {session}"));
-        let browser =
-            Browser { driver, base: format!("{base}/session/{id}"), http, _profile: profile };
+        let browser = Browser { driver, base: format!("{base}/session/{id}"), http, profile };
         browser.command(Method::POST, "/timeouts", json!({ "implicit": IMPLICIT_WAIT_MS })).await;
         browser
     }
@@ -126,13 +118,18 @@ impl Browser {
     /// Sends one WebDriver command and returns its `value`.
     async fn command(&self, method: Method, path: &str, body: Value) -> Value {
         let request = self.http.request(method.clone(), format!("{}{path}", self.base));
-        let request = if method == Method::GET { request } else { request.json(&body) };
+        let request = if body.is_null() { request } else { request.json(&body) };
         let answer: Value = request.send().await.unwrap().json().await.unwrap();
         let value = answer["value"].clone();
         if let Some(error) = value.get("error") {
             panic!("WebDriver {method} {path}: {error}: {}", value["message"]);
         }
         value
+    }
+
+    /// Ends the session, which closes the browser.
+    async fn quit(self) {
+        self.command(Method::DELETE, "", json!(null)).await;
     }
 
     async fn open(&self, url: &str) {
@@ -182,9 +179,11 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // ChromeDriver takes its browsers with it.
-        let _ = self.driver.kill();
+        // Killing ChromeDriver alone would leave its browsers running.
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.driver.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
@@ -332,6 +331,7 @@ async fn the_explorer_shows_sorts_and_opens_the_relays_the_api_lists() {
     browser.find("main[data-rendered='explorer']").await;
     assert_eq!(browser.table_keys().await.len(), 4);
 
+    browser.quit().await;
     for relay in running {
         relay.shutdown().await;
     }
