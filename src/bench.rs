@@ -103,6 +103,10 @@ impl Table {
     }
 }
 
+/// Each suite, in the order they run, with the name of its report section.
+const SUITES: [(&str, Suite); 3] =
+    [("ledger", Suite::Ledger), ("registry", Suite::Registry), ("relay", Suite::Relay)];
+
 /// Runs the chosen benchmarks, prints their tables, and writes each into
 /// its generated section of the report file.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -116,13 +120,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.report.display()
             )
         })?;
-        for suite in ["ledger", "registry", "relay"] {
-            section_bounds(&report, suite)?;
+        for (name, _) in SUITES {
+            section_bounds(&report, name)?;
         }
     }
-    let suites: [(&str, Suite); 3] =
-        [("ledger", Suite::Ledger), ("registry", Suite::Registry), ("relay", Suite::Relay)];
-    for (name, suite) in suites {
+    for (name, suite) in SUITES {
         if !matches!(args.suite, Suite::All) && args.suite != suite {
             continue;
         }

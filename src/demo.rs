@@ -19,7 +19,7 @@ use ferry_client::wallet::Budget;
 use ferry_client::{Endpoint, EndpointConfig, RegistryClient};
 use ferry_ledger::embedded::EmbeddedOptions;
 use ferry_ledger::{AccountRef, CheckReport, Ledger, LedgerConfig};
-use ferry_proto::{Amount, PricePerByte, PublicKey, SecretKey};
+use ferry_proto::{Amount, ChannelId, PricePerByte, PublicKey, SecretKey};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -274,12 +274,12 @@ async fn market(
     let mut received = vec![0; BYTES_BEFORE_CRASH];
     within("the first third", incoming.read_exact(&mut received)).await??;
     let carrying = alice_endpoint.money().await?;
-    let carrier =
-        carrying.first().context("alice pays the relay carrying her stream")?.channel.relay;
+    let carrying = &carrying.first().context("alice pays the relay carrying her stream")?.channel;
+    let carrier = carrying.relay;
     println!(
         "  → through {} ({} for {} MiB so far)",
         names.of(&carrier),
-        paid_to(&alice_endpoint, &carrier).await?,
+        paid_on(&alice_endpoint, &carrying.id),
         BYTES_BEFORE_CRASH >> 20
     );
 
@@ -327,7 +327,7 @@ async fn market(
         println!(
             "  alice paid {:<8} {} (its channel was opened with {} and topped up {top_ups} times)",
             names.of(&money.channel.relay),
-            alice_endpoint.paid().get(&money.channel.id).copied().unwrap_or_default(),
+            paid_on(&alice_endpoint, &money.channel.id),
             budget.open
         );
     }
@@ -363,7 +363,7 @@ async fn market(
         println!(
             "  → {why}she goes through {} and pays it {}",
             names.of(&money.channel.relay),
-            carol_endpoint.paid().get(&money.channel.id).copied().unwrap_or_default()
+            paid_on(&carol_endpoint, &money.channel.id)
         );
     }
 
@@ -400,7 +400,7 @@ async fn market(
             })
             .await?
         } else {
-            reader.get(&format!("/v1/relays/{}", relay.key)).await?
+            relay_view(&reader, &relay.key).await?
         };
         after.push(view);
     }
@@ -436,7 +436,7 @@ async fn market(
     }
     for endpoint in [&alice_endpoint, &carol_endpoint] {
         for money in endpoint.money().await? {
-            let paid = endpoint.paid().get(&money.channel.id).copied().unwrap_or_default();
+            let paid = paid_on(endpoint, &money.channel.id);
             println!(
                 "  {:<8} settled {} of the {} {} paid it{}",
                 names.of(&money.channel.relay),
@@ -607,7 +607,7 @@ async fn wait_for_view(
 ) -> anyhow::Result<Value> {
     let seen = async {
         loop {
-            let view = registry.get(&format!("/v1/relays/{relay}")).await?;
+            let view = relay_view(registry, relay).await?;
             if done(&view) {
                 return anyhow::Ok(view);
             }
@@ -632,21 +632,19 @@ fn paid_volume(view: &Value) -> Amount {
 async fn reputations(registry: &RegistryClient, keys: &[PublicKey]) -> anyhow::Result<Vec<Value>> {
     let mut views = Vec::new();
     for key in keys {
-        views.push(registry.get(&format!("/v1/relays/{key}")).await?);
+        views.push(relay_view(registry, key).await?);
     }
     Ok(views)
 }
 
-/// What `endpoint` paid on its channel to `relay` so far.
-async fn paid_to(endpoint: &Endpoint, relay: &PublicKey) -> anyhow::Result<Amount> {
-    let paid = endpoint.paid();
-    Ok(endpoint
-        .money()
-        .await?
-        .iter()
-        .filter(|money| money.channel.relay == *relay)
-        .filter_map(|money| paid.get(&money.channel.id).copied())
-        .try_fold(Amount::default(), Amount::checked_add)?)
+/// The newest amount `endpoint` paid on `channel`.
+fn paid_on(endpoint: &Endpoint, channel: &ChannelId) -> Amount {
+    endpoint.paid().get(channel).copied().unwrap_or_default()
+}
+
+/// The registry's view of one relay.
+async fn relay_view(registry: &RegistryClient, relay: &PublicKey) -> anyhow::Result<Value> {
+    Ok(registry.get(&format!("/v1/relays/{relay}")).await?)
 }
 
 /// `step`, or an error naming it if it takes longer than [`STEP_TIMEOUT`].
