@@ -23,3 +23,4 @@ pub use metrics::Metrics;
 pub use server::Relay;
 pub use settle::SettleReport;
 pub use store::{STORE_QUEUE, StoreError, Stored, VoucherStore};
+pub use tunnel::COPY_BUFFER;

@@ -6,7 +6,7 @@
 //! the bound holds across all of the client's tunnels and both directions.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_proto::{Amount, ChannelId, PricePerByte, PublicKey, cost};
 use tokio::sync::Notify;
@@ -41,6 +41,9 @@ struct MeterState {
     reserved_bytes: u64,
     /// Bytes covered by the last invoice.
     invoiced_bytes: u64,
+    /// The oldest invoice not yet paid (its amount, and when it was
+    /// made), to time the payment round trip.
+    unpaid_invoice: Option<(Amount, Instant)>,
 }
 
 /// An invoice to send: the cumulative amount due for `carried_bytes`.
@@ -75,6 +78,7 @@ impl Meter {
                 carried_bytes: 0,
                 reserved_bytes: 0,
                 invoiced_bytes: 0,
+                unpaid_invoice: None,
             }),
             paid_more: Notify::new(),
         }
@@ -130,15 +134,23 @@ impl Meter {
     /// Waits up to `grace` for an allowance: true once there is one, false
     /// if no voucher raised it in time.
     pub async fn wait_for_allowance(&self, grace: Duration) -> bool {
-        let notified = self.paid_more.notified();
-        tokio::pin!(notified);
-        // Registered before the check, so a voucher accepted in between
-        // still wakes this waiter.
-        notified.as_mut().enable();
-        if self.allowance(&self.lock()) > 0 {
-            return true;
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let notified = self.paid_more.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a voucher accepted in between
+            // still wakes this waiter.
+            notified.as_mut().enable();
+            if self.allowance(&self.lock()) > 0 {
+                return true;
+            }
+            // A wake-up that left nothing to carry (another tunnel of the
+            // client took the allowance first, or a voucher raised nothing)
+            // waits on: only the grace ends the wait.
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
         }
-        tokio::time::timeout(grace, notified).await.is_ok() && self.allowance(&self.lock()) > 0
     }
 
     /// The invoice to send now: when bytes were carried since the last
@@ -156,19 +168,33 @@ impl Meter {
             return None;
         }
         state.invoiced_bytes = state.carried_bytes;
+        if state.unpaid_invoice.is_none() {
+            state.unpaid_invoice = Some((amount, Instant::now()));
+        }
         Some(Due { carried_bytes: state.carried_bytes, amount })
     }
 
-    /// Counts an accepted (already stored) voucher and wakes waiting tunnels.
-    pub fn accept(&self, cumulative: Amount, sequence: u64) {
-        {
+    /// Counts an accepted (already stored) voucher and wakes waiting
+    /// tunnels. Returns the payment round trip when the voucher pays the
+    /// oldest unpaid invoice: from that invoice to now.
+    pub fn accept(&self, cumulative: Amount, sequence: u64) -> Option<Duration> {
+        let round_trip = {
             let mut state = self.lock();
-            if sequence > state.sequence && cumulative >= state.paid {
-                state.paid = cumulative;
-                state.sequence = sequence;
+            if sequence <= state.sequence || cumulative < state.paid {
+                return None;
             }
-        }
+            state.paid = cumulative;
+            state.sequence = sequence;
+            match state.unpaid_invoice {
+                Some((amount, invoiced_at)) if cumulative >= amount => {
+                    state.unpaid_invoice = None;
+                    Some(invoiced_at.elapsed())
+                }
+                _ => None,
+            }
+        };
         self.paid_more.notify_waiters();
+        round_trip
     }
 
     /// Bytes carried in this session.
@@ -217,13 +243,13 @@ mod tests {
         let due = meter.invoice().unwrap();
         assert_eq!(due, Due { carried_bytes: 1000, amount: Amount::from_attos(15_000).unwrap() });
         assert_eq!(meter.invoice(), Some(due), "a reminder while unpaid");
-        meter.accept(due.amount, 4);
+        assert!(meter.accept(due.amount, 4).is_some(), "it pays the invoice: a round trip");
         assert_eq!(meter.invoice(), None, "nothing new to invoice");
         assert_eq!(meter.reserve(5000), 1000, "paid 1000 bytes: another window's worth");
         meter.commit(1000, 1000);
         // Replays and decreases change nothing.
-        meter.accept(Amount::from_attos(99_000).unwrap(), 4);
-        meter.accept(Amount::from_attos(1).unwrap(), 9);
+        assert_eq!(meter.accept(Amount::from_attos(99_000).unwrap(), 4), None);
+        assert_eq!(meter.accept(Amount::from_attos(1).unwrap(), 9), None);
         assert_eq!(meter.reserve(1), 0);
         assert_eq!(meter.paid(), (due.amount, 4));
     }
@@ -249,6 +275,29 @@ mod tests {
         meter.accept(Amount::from_attos(6_000).unwrap(), 4);
         assert!(tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap());
         assert_eq!(meter.reserve(5000), 100);
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_that_leaves_nothing_to_carry_keeps_the_tunnel_waiting() {
+        let meter = std::sync::Arc::new(meter(10, 1000));
+        assert_eq!(meter.reserve(1000), 1000);
+        meter.commit(1000, 1000);
+        let waiter = {
+            let meter = std::sync::Arc::clone(&meter);
+            tokio::spawn(async move { meter.wait_for_allowance(Duration::from_secs(30)).await })
+        };
+        // This test runs on one thread: the waiter runs only when it yields.
+        tokio::task::yield_now().await;
+        // A voucher pays for 100 bytes, and another tunnel of the client
+        // takes them before the waiter looks.
+        meter.accept(Amount::from_attos(6_000).unwrap(), 4);
+        assert_eq!(meter.reserve(1000), 100);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "woken with nothing to carry, it waits on");
+        meter.accept(Amount::from_attos(7_000).unwrap(), 5);
+        assert!(tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -14,6 +14,7 @@ use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -51,6 +52,10 @@ pub struct Metrics {
     /// Times a tunnel waited for payment because the credit window was used.
     pub throttled: Counter,
     revenue: Family<RevenueLabels, Gauge<f64, AtomicU64>>,
+    payment_round_trip: Histogram,
+    /// The histogram's sum and count, which prometheus-client does not
+    /// expose: for the benchmark's mean.
+    payment_round_trip_totals: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl Default for Metrics {
@@ -86,6 +91,14 @@ impl Default for Metrics {
             "Money in vouchers: received (newest per channel), settled, pending (approximate, for display)",
             revenue.clone(),
         );
+        // 100 µs to about 1.6 s: a voucher log sync alone is 0.1–0.3 ms on
+        // the disks we measured, and a slow client may take seconds.
+        let payment_round_trip = Histogram::new(exponential_buckets(1e-4, 2.0, 15));
+        registry.register(
+            "payment_round_trip_seconds",
+            "Seconds from an invoice to the voucher that pays it being on disk and counted",
+            payment_round_trip.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             sessions,
@@ -95,6 +108,8 @@ impl Default for Metrics {
             refused,
             throttled,
             revenue,
+            payment_round_trip,
+            payment_round_trip_totals: Arc::default(),
         }
     }
 }
@@ -121,6 +136,22 @@ impl Metrics {
     /// How many vouchers got `verdict`.
     pub fn vouchers_with(&self, verdict: &'static str) -> u64 {
         self.vouchers.get_or_create(&VerdictLabels { verdict }).get()
+    }
+
+    /// Records one payment round trip.
+    pub fn paid_after(&self, round_trip: std::time::Duration) {
+        self.payment_round_trip.observe(round_trip.as_secs_f64());
+        let (micros, count) = &*self.payment_round_trip_totals;
+        let round_trip_us = u64::try_from(round_trip.as_micros()).unwrap_or(u64::MAX);
+        micros.fetch_add(round_trip_us, Ordering::Relaxed);
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The mean payment round trip so far, and how many were timed.
+    pub fn payment_round_trip_mean(&self) -> (std::time::Duration, u64) {
+        let (micros, count) = &*self.payment_round_trip_totals;
+        let (micros, count) = (micros.load(Ordering::Relaxed), count.load(Ordering::Relaxed));
+        (std::time::Duration::from_micros(micros.checked_div(count).unwrap_or(0)), count)
     }
 
     /// Counts a refusal.

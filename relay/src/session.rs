@@ -348,7 +348,9 @@ async fn acknowledge_loop(
             return;
         }
         let v = voucher.voucher;
-        meter.accept(v.cumulative, v.sequence);
+        if let Some(round_trip) = meter.accept(v.cumulative, v.sequence) {
+            shared.metrics.paid_after(round_trip);
+        }
         let verdict = VoucherVerdict::Accepted;
         shared.metrics.voucher(verdict.label());
         let result = Frame::VoucherResult { sequence: v.sequence, verdict };

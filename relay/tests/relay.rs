@@ -106,6 +106,9 @@ async fn a_paid_tunnel_carries_bytes_intact_both_ways_and_the_relay_is_settled()
     let report = relay.shutdown().await;
     assert!(!report.incomplete && report.rejected == 0, "{report:?}");
     assert!(metrics.vouchers_with("accepted") >= 1);
+    let (round_trip, timed) = metrics.payment_round_trip_mean();
+    assert!(timed >= 1 && round_trip > std::time::Duration::ZERO, "payment round trips timed");
+    assert!(metrics.render().contains("ferry_relay_payment_round_trip_seconds_count"));
 
     // The ledger paid the relay for what the last voucher covered.
     let view = registry.client(&relay_key).channel(&channel).await.unwrap();
