@@ -1,8 +1,9 @@
 //! The relay against baselines in the same run: one tunnel's throughput with
 //! payment on, against a bare tokio TCP proxy and against the same relay
 //! with payment off (a free relay sends no invoices); the CPU share of
-//! payments from the process's CPU time per byte; and the resident memory of
-//! a `ferry relay` process per idle authenticated session.
+//! payments from the process's CPU time per byte; the payment round trip
+//! against the disk's sync latency; and the resident memory of a `ferry
+//! relay` process per idle authenticated session.
 
 use std::io::BufRead;
 use std::process::{Command, Stdio};
@@ -15,7 +16,7 @@ use ferry_ledger::embedded::EmbeddedOptions;
 use ferry_ledger::{Ledger, LedgerConfig};
 use ferry_proto::wire::ListenPolicy;
 use ferry_proto::{PricePerByte, SecretKey};
-use ferry_relay::{Relay, RelayConfig, VoucherStore};
+use ferry_relay::{COPY_BUFFER, Relay, RelayConfig, VoucherStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -33,6 +34,8 @@ const WIDE_CREDIT_WINDOW_BYTES: u64 = 4 << 20;
 const CHUNK: usize = 64 * 1024;
 /// Sessions opened at once while filling the relay with idle ones.
 const SESSION_CONCURRENCY: usize = 64;
+/// Syncs timed to measure the disk under the voucher log.
+const DISK_SYNCS: usize = 200;
 
 /// Runs the relay benchmark.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<Table> {
@@ -58,6 +61,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
             bytes >> 20
         );
         let proxy = bare_proxy_run(bytes).await.context("the bare proxy run")?;
+        let disk_sync = disk_sync_median(&scratch).await.context("timing the disk's sync")?;
         let free = relay_run(&ledger, &registry.base, &scratch, bytes, None, round)
             .await
             .context("the free relay run")?;
@@ -75,7 +79,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
         )
         .await
         .context("the paid relay run with a wide window")?;
-        rows.push((proxy, free, paid, wide));
+        rows.push((proxy, free, paid, wide, disk_sync));
     }
 
     println!("▸ {} idle authenticated sessions on a `ferry relay` process", args.idle_sessions);
@@ -90,7 +94,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
 
     let mib_s = |run: &Run| bytes as f64 / run.seconds / f64::from(1 << 20);
     let mut table = Table::new("relay");
-    for (round, (proxy, free, paid, wide)) in rows.iter().enumerate() {
+    for (round, (proxy, free, paid, wide, disk_sync)) in rows.iter().enumerate() {
         table.row(format!(
             "| round {}: one tunnel, paid (1 MiB credit window) | {:.0} MiB/s | bare tokio proxy: {:.0} MiB/s | {:.2}× |",
             round + 1,
@@ -111,6 +115,22 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
             mib_s(free),
             mib_s(proxy),
             mib_s(free) / mib_s(proxy)
+        ));
+        table.row(format!(
+            "| round {}: payment round trip, 1 MiB window (invoice → voucher synced and counted), mean of {} | {} µs | one voucher record's write + fdatasync on the same disk, median: {} µs | {:.1}× |",
+            round + 1,
+            paid.round_trips,
+            paid.round_trip.as_micros(),
+            disk_sync.as_micros(),
+            paid.round_trip.as_secs_f64() / disk_sync.as_secs_f64()
+        ));
+        // Invoices go out every half window, so one tunnel carries at most
+        // half a window per round trip (docs/OPERATING.md).
+        let window_bytes = 2.0 * mib_s(proxy) * f64::from(1 << 20) * paid.round_trip.as_secs_f64();
+        table.row(format!(
+            "| round {}: credit window one tunnel needs at the bare proxy's rate (2 × rate × mean round trip) | {:.2} MiB | | |",
+            round + 1,
+            window_bytes / f64::from(1 << 20)
         ));
         let share = (paid.cpu_seconds - free.cpu_seconds) / paid.cpu_seconds;
         table.row(format!(
@@ -136,11 +156,14 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
     Ok(table)
 }
 
-/// One throughput run: wall seconds, and this process's CPU seconds.
+/// One throughput run: wall seconds, this process's CPU seconds, and the
+/// relay's vouchers and mean payment round trip.
 struct Run {
     seconds: f64,
     cpu_seconds: f64,
     vouchers: u64,
+    round_trip: Duration,
+    round_trips: u64,
 }
 
 /// This process's user + system CPU time, from /proc/self/stat.
@@ -204,13 +227,21 @@ async fn bare_proxy_run(bytes: u64) -> anyhow::Result<Run> {
         let mut outbound = TcpStream::connect(sink_address).await?;
         inbound.set_nodelay(true)?;
         outbound.set_nodelay(true)?;
-        tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await?;
+        // The relay's buffer size, so that the baseline copies as the
+        // relay does (tokio's default is 8 KiB).
+        tokio::io::copy_bidirectional_with_sizes(
+            &mut inbound,
+            &mut outbound,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        )
+        .await?;
         std::io::Result::Ok(())
     });
     let sender = TcpStream::connect(proxy_address).await?;
     let (received, _) = sink.accept().await?;
     let (seconds, cpu_seconds) = push(sender, bytes, count(received)).await?;
-    Ok(Run { seconds, cpu_seconds, vouchers: 0 })
+    Ok(Run { seconds, cpu_seconds, vouchers: 0, round_trip: Duration::ZERO, round_trips: 0 })
 }
 
 async fn relay_run(
@@ -290,6 +321,7 @@ async fn relay_run(
     let received = accepting.await??;
     let (seconds, cpu_seconds) = push(sender, bytes, count(received)).await?;
     let vouchers = relay.metrics().vouchers_with("accepted");
+    let (round_trip, round_trips) = relay.metrics().payment_round_trip_mean();
     let _ = stop.send(());
     relay.shutdown(Duration::from_secs(30)).await;
     // Drain the session's events so its tasks end.
@@ -298,7 +330,37 @@ async fn relay_run(
         .await
         .is_ok_and(|e| e.is_some())
     {}
-    Ok(Run { seconds, cpu_seconds, vouchers })
+    Ok(Run { seconds, cpu_seconds, vouchers, round_trip, round_trips })
+}
+
+/// The median time to write one voucher-sized record into preallocated
+/// space in `dir` and `fdatasync` it, as the voucher log does.
+async fn disk_sync_median(dir: &std::path::Path) -> anyhow::Result<Duration> {
+    use std::os::unix::fs::FileExt;
+    const RECORD_BYTES: usize = 128;
+    let path = dir.join("disk-sync.probe");
+    let mut times = tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        file.write_all_at(&vec![0u8; DISK_SYNCS * RECORD_BYTES], 0)?;
+        file.sync_all()?;
+        let mut times = Vec::with_capacity(DISK_SYNCS);
+        for index in 0..DISK_SYNCS {
+            let started = Instant::now();
+            file.write_all_at(&[0x5a; RECORD_BYTES], (index * RECORD_BYTES) as u64)?;
+            file.sync_data()?;
+            times.push(started.elapsed());
+        }
+        std::fs::remove_file(&path)?;
+        std::io::Result::Ok(times)
+    })
+    .await??;
+    times.sort_unstable();
+    Ok(times[times.len() / 2])
 }
 
 /// A process's resident memory in bytes, from /proc/PID/status.
