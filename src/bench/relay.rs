@@ -126,11 +126,10 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
         ));
         // Invoices go out every half window, so one tunnel carries at most
         // half a window per round trip (docs/OPERATING.md).
-        let window_bytes = 2.0 * mib_s(proxy) * f64::from(1 << 20) * paid.round_trip.as_secs_f64();
+        let window_mib = 2.0 * mib_s(proxy) * paid.round_trip.as_secs_f64();
         table.row(format!(
-            "| round {}: credit window one tunnel needs at the bare proxy's rate (2 × rate × mean round trip) | {:.2} MiB | | |",
+            "| round {}: credit window one tunnel needs at the bare proxy's rate (2 × rate × mean round trip) | {window_mib:.2} MiB | | |",
             round + 1,
-            window_bytes / f64::from(1 << 20)
         ));
         let share = (paid.cpu_seconds - free.cpu_seconds) / paid.cpu_seconds;
         table.row(format!(
