@@ -10,6 +10,7 @@ mod advert;
 mod amount;
 mod home;
 mod keys;
+pub mod rate;
 mod request;
 mod serde_str;
 mod voucher;
