@@ -3,14 +3,14 @@
 //! created on first start.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use ferry_client::RegistryClient;
 use ferry_proto::{PricePerByte, SecretKey};
-use ferry_relay::{PricingPolicy, Relay, RelayConfig, VoucherStore};
+use ferry_relay::{DataDir, PricingPolicy, Relay, RelayConfig};
 use serde::Deserialize;
 
 /// How long the final settlement at shutdown may retry.
@@ -156,9 +156,9 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         config.limits.max_sessions = count;
     }
     let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from("ferry-relay-data"));
-    let store = open_store(&data_dir)?;
+    let data = DataDir::open(&data_dir)?;
     let http = RegistryClient::http()?;
-    let relay = Relay::new(config, key.clone(), RegistryClient::new(&registry, key, http), store);
+    let relay = Relay::new(config, key.clone(), RegistryClient::new(&registry, key, http), data);
     relay
         .register()
         .await
@@ -188,10 +188,4 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         if report.incomplete { "; some remain for the next start" } else { "" }
     ));
     Ok(())
-}
-
-fn open_store(data_dir: &Path) -> anyhow::Result<VoucherStore> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-    Ok(VoucherStore::open(&data_dir.join("vouchers.log"))?)
 }

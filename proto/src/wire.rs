@@ -114,6 +114,12 @@ wire_enum! {
         WrongChannel = 4 => "wrong_channel",
         /// More than the channel's escrow.
         OverEscrow = 5 => "over_escrow",
+        /// A sequence or amount beyond what the ledger settles
+        /// (`Voucher::check_fields`).
+        OutOfRange = 6 => "out_of_range",
+        /// The channel is closing: the relay takes no more vouchers on it
+        /// and ends the session.
+        ChannelClosing = 7 => "channel_closing",
     }
 }
 

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use ferry_proto::PricePerByte;
+use ferry_proto::rate::Rate;
 
 /// How a relay prices and limits its service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,7 +17,8 @@ pub struct RelayConfig {
     pub price_per_byte: PricePerByte,
     /// Optional load-aware pricing between two bounds.
     pub pricing: Option<PricingPolicy>,
-    /// Bytes carried ahead of payment, per client session.
+    /// Bytes carried ahead of payment, per client key: across all of the
+    /// key's sessions, tunnels and channels, and across restarts.
     pub credit_window_bytes: u64,
     /// Advertised capacity, bytes per second; the pricing policy's 100 %.
     pub capacity_bytes_per_sec: u64,
@@ -66,6 +68,20 @@ pub struct Limits {
     pub connections_per_ip: usize,
     /// How long a channel's state fetched from the registry is trusted.
     pub channel_cache_ttl: Duration,
+    /// How often a paying session's channel is looked up again, so the
+    /// relay learns of a top-up or a close request within this time (while
+    /// the known-channel lookups last; see `known_lookups`). Keep it well
+    /// under the registry's dispute window.
+    pub channel_check_interval: Duration,
+    /// Lookups of channels the relay has been paid through.
+    pub known_lookups: Rate,
+    /// Lookups of channels new to the relay, named by any client, in total.
+    pub stranger_lookups: Rate,
+    /// Lookups of channels new to the relay, per client IP address.
+    pub stranger_lookups_per_ip: Rate,
+    /// Client keys the debt book holds at once (keys with a session or a
+    /// debt); a new key beyond it is refused a session.
+    pub max_debtors: usize,
 }
 
 impl Default for Limits {
@@ -82,6 +98,14 @@ impl Default for Limits {
             max_sessions: 100_000,
             connections_per_ip: 256,
             channel_cache_ttl: Duration::from_secs(30),
+            channel_check_interval: Duration::from_secs(5),
+            // 20 + 10 lookups a second at most: a third of the registry's
+            // default per-key rate (100/s), the rest for heartbeats,
+            // settlements and advertisements.
+            known_lookups: Rate { per_sec: 20, burst: 40 },
+            stranger_lookups: Rate { per_sec: 10, burst: 20 },
+            stranger_lookups_per_ip: Rate { per_sec: 2, burst: 5 },
+            max_debtors: 200_000,
         }
     }
 }

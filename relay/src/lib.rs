@@ -9,6 +9,9 @@
 //! ("Relay protocol"); operating a relay is in docs/OPERATING.md.
 
 mod config;
+mod data;
+mod debts;
+mod lookups;
 mod market;
 mod meter;
 pub mod metrics;
@@ -19,6 +22,9 @@ mod store;
 mod tunnel;
 
 pub use config::{Limits, PricingPolicy, RelayConfig};
+pub use data::{DataDir, DataDirError};
+pub use debts::{DEBT_SNAPSHOT_INTERVAL, DebtBookError};
+pub use lookups::KNOWN_LOOKUP_WAIT;
 pub use metrics::Metrics;
 pub use server::Relay;
 pub use settle::SettleReport;

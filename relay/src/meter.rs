@@ -1,9 +1,15 @@
-//! The payment meter of one client session: how many bytes the client's
-//! channel has paid for, how many the relay carried, and how many more it may
-//! carry. The relay never carries more than `paid + credit window`.
+//! The payment meter of one client key: what the key's channel has paid for,
+//! what the relay carried for the key across all its sessions and tunnels,
+//! and how many more bytes it may carry. The relay never carries more than
+//! the credit window unpaid for one key:
 //!
-//! Every tunnel of the client reserves bytes here before it reads them, so
-//! the bound holds across all of the client's tunnels and both directions.
+//! `debt + carried - paid bytes <= min(credit window, remaining escrow)`
+//!
+//! Every tunnel of the key reserves bytes here before it reads them, so the
+//! bound holds across all of the key's tunnels and both directions. A key
+//! keeps one meter for as long as it owes anything (see [`crate::debts`]):
+//! a new session, even on another channel, starts from the same debt, so a
+//! client cannot buy a fresh window by reconnecting.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -11,30 +17,47 @@ use std::time::{Duration, Instant};
 use ferry_proto::{Amount, ChannelId, PricePerByte, PublicKey, cost};
 use tokio::sync::Notify;
 
-/// What the client has paid and what was carried, in one session.
+/// The client key's payment state at one relay.
 #[derive(Debug)]
 pub struct Meter {
-    /// The paying channel.
-    pub channel: ChannelId,
-    /// The channel's client, who signs its vouchers.
+    /// The key that signs the vouchers.
     pub client: PublicKey,
-    /// The session's price.
-    pub price: PricePerByte,
-    /// Bytes carried ahead of payment.
+    /// The advertised window: bytes carried ahead of payment for this key.
     pub credit_window_bytes: u64,
     state: Mutex<MeterState>,
     paid_more: Notify,
 }
 
+/// The channel a session of the key pays through, as the session opened it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    /// The paying channel.
+    pub channel: ChannelId,
+    /// The session's price.
+    pub price: PricePerByte,
+    /// The newest voucher's amount and sequence when the session opened:
+    /// bytes of earlier sessions are not billed again (their unpaid part is
+    /// the key's debt).
+    pub paid: Amount,
+    /// That voucher's sequence.
+    pub sequence: u64,
+    /// Everything the client has put in the channel, as last seen.
+    pub deposited: Amount,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct MeterState {
-    /// The channel's cumulative amount when the session began: bytes of
-    /// earlier sessions are not billed again.
+    binding: Binding,
+    /// Bytes carried for the key in earlier bindings and never paid.
+    debt_bytes: u64,
+    /// The channel's cumulative amount when this binding began.
     base: Amount,
     /// The newest accepted voucher's amount and sequence.
     paid: Amount,
     sequence: u64,
-    /// Bytes carried in this session.
+    /// Set once the channel is closing: nothing more is carried on credit.
+    closing: bool,
+    /// Bytes carried in this binding.
     carried_bytes: u64,
     /// Bytes reserved by reads in progress: not carried (nor billed) yet,
     /// but no longer available to other reads.
@@ -49,32 +72,66 @@ struct MeterState {
 /// An invoice to send: the cumulative amount due for `carried_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Due {
+    /// The channel billed.
+    pub channel: ChannelId,
     /// Bytes carried in this session.
     pub carried_bytes: u64,
     /// The channel's cumulative amount a voucher should carry.
     pub amount: Amount,
 }
 
+impl MeterState {
+    /// Bytes the binding's vouchers paid for.
+    fn paid_bytes(&self) -> u64 {
+        let price = self.binding.price.attos();
+        if price == 0 {
+            return u64::MAX;
+        }
+        let paid_attos = self.paid.attos().saturating_sub(self.base.attos());
+        u64::try_from(paid_attos / price).unwrap_or(u64::MAX)
+    }
+
+    /// Bytes carried (or reserved) for the key and not paid for.
+    fn unpaid_bytes(&self) -> u64 {
+        self.debt_bytes
+            .saturating_add(self.carried_bytes)
+            .saturating_add(self.reserved_bytes)
+            .saturating_sub(self.paid_bytes())
+    }
+
+    /// How far the relay may carry beyond what was paid: the advertised
+    /// window, but no more than the channel's escrow left after the newest
+    /// voucher can pay, and nothing once the channel is closing.
+    fn window_bytes(&self, credit_window_bytes: u64) -> u64 {
+        let price = self.binding.price.attos();
+        if self.closing || price == 0 {
+            return 0;
+        }
+        let escrow_attos = self.binding.deposited.attos().saturating_sub(self.paid.attos());
+        let escrow_bytes = u64::try_from(escrow_attos / price).unwrap_or(u64::MAX);
+        credit_window_bytes.min(escrow_bytes)
+    }
+}
+
 impl Meter {
-    /// A meter for a session whose channel already has a voucher for
-    /// `paid` with `sequence` (zero for none).
+    /// A meter for `client`, bound to its first session's channel, owing
+    /// `debt_bytes` from before (recovered from the debt book).
     pub fn new(
-        channel: ChannelId,
         client: PublicKey,
-        price: PricePerByte,
         credit_window_bytes: u64,
-        paid: Amount,
-        sequence: u64,
+        binding: Binding,
+        debt_bytes: u64,
     ) -> Meter {
         Meter {
-            channel,
             client,
-            price,
             credit_window_bytes,
             state: Mutex::new(MeterState {
-                base: paid,
-                paid,
-                sequence,
+                binding,
+                debt_bytes,
+                base: binding.paid,
+                paid: binding.paid,
+                sequence: binding.sequence,
+                closing: false,
                 carried_bytes: 0,
                 reserved_bytes: 0,
                 invoiced_bytes: 0,
@@ -89,22 +146,59 @@ impl Meter {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Binds the key's new session to `binding`: what the key left unpaid
+    /// so far becomes its debt, and the new session is billed only for its
+    /// own bytes. Payment beyond the bytes carried is not carried over.
+    pub fn rebind(&self, binding: Binding) {
+        let mut state = self.lock();
+        // Reads still in progress commit into the new binding's count.
+        let reserved = state.reserved_bytes;
+        state.reserved_bytes = 0;
+        state.debt_bytes = state.unpaid_bytes();
+        state.binding = binding;
+        state.base = binding.paid;
+        state.paid = binding.paid;
+        state.sequence = binding.sequence;
+        state.closing = false;
+        state.carried_bytes = 0;
+        state.reserved_bytes = reserved;
+        state.invoiced_bytes = 0;
+        state.unpaid_invoice = None;
+    }
+
+    /// The session's channel and terms.
+    pub fn binding(&self) -> Binding {
+        self.lock().binding
+    }
+
     /// The newest accepted voucher's amount and sequence.
     pub fn paid(&self) -> (Amount, u64) {
         let state = self.lock();
         (state.paid, state.sequence)
     }
 
-    /// Bytes the client may still be carried: paid-for bytes plus the credit
-    /// window, minus what was carried. Free relays have no limit.
+    /// Bytes carried for the key and not paid for: what the relay risks on
+    /// it now. Never above the credit window.
+    pub fn unpaid_bytes(&self) -> u64 {
+        self.lock().unpaid_bytes()
+    }
+
+    /// Whether what the channel's escrow can pay, rather than the window,
+    /// holds the key back: a top-up would let it carry more.
+    pub fn escrow_bound(&self) -> bool {
+        let state = self.lock();
+        !state.closing && state.window_bytes(self.credit_window_bytes) < self.credit_window_bytes
+    }
+
+    /// Bytes the key may still be carried: paid-for bytes plus the window,
+    /// minus what was carried and what it owes. Free relays have no limit.
     fn allowance(&self, state: &MeterState) -> u64 {
-        if self.price.attos() == 0 {
+        if state.binding.price.attos() == 0 {
             return u64::MAX;
         }
-        let paid_attos = state.paid.attos().saturating_sub(state.base.attos());
-        let paid_bytes = u64::try_from(paid_attos / self.price.attos()).unwrap_or(u64::MAX);
-        paid_bytes
-            .saturating_add(self.credit_window_bytes)
+        let limit = state.paid_bytes().saturating_add(state.window_bytes(self.credit_window_bytes));
+        limit
+            .saturating_sub(state.debt_bytes)
             .saturating_sub(state.carried_bytes)
             .saturating_sub(state.reserved_bytes)
     }
@@ -116,19 +210,21 @@ impl Meter {
         let mut state = self.lock();
         let granted = wanted.min(self.allowance(&state));
         state.reserved_bytes += granted;
+        // The promise: what a key is carried unpaid never passes the window.
+        debug_assert!(granted == 0 || state.unpaid_bytes() <= self.credit_window_bytes);
         granted
     }
 
     /// Ends a reservation of `reserved` bytes of which `carried` were
     /// carried; the rest is available again. Returns whether enough is
-    /// uninvoiced (half the credit window) that an invoice should go out.
+    /// uninvoiced (half the window) that an invoice should go out.
     pub fn commit(&self, reserved: u64, carried: u64) -> bool {
         debug_assert!(carried <= reserved, "carried more than reserved");
         let mut state = self.lock();
         state.reserved_bytes = state.reserved_bytes.saturating_sub(reserved);
         state.carried_bytes += carried.min(reserved);
-        self.price.attos() > 0
-            && state.carried_bytes - state.invoiced_bytes >= (self.credit_window_bytes / 2).max(1)
+        let half_window = (state.window_bytes(self.credit_window_bytes) / 2).max(1);
+        state.binding.price.attos() > 0 && state.carried_bytes - state.invoiced_bytes >= half_window
     }
 
     /// Waits up to `grace` for an allowance: true once there is one, false
@@ -159,10 +255,10 @@ impl Meter {
     pub fn invoice(&self) -> Option<Due> {
         let mut state = self.lock();
         // A free relay bills nothing.
-        if self.price.attos() == 0 {
+        if state.binding.price.attos() == 0 {
             return None;
         }
-        let carried = cost(state.carried_bytes, self.price).ok()?;
+        let carried = cost(state.carried_bytes, state.binding.price).ok()?;
         let amount = state.base.checked_add(carried).ok()?;
         if state.carried_bytes == state.invoiced_bytes && state.paid >= amount {
             return None;
@@ -171,16 +267,25 @@ impl Meter {
         if state.unpaid_invoice.is_none() {
             state.unpaid_invoice = Some((amount, Instant::now()));
         }
-        Some(Due { carried_bytes: state.carried_bytes, amount })
+        Some(Due { channel: state.binding.channel, carried_bytes: state.carried_bytes, amount })
     }
 
-    /// Counts an accepted (already stored) voucher and wakes waiting
-    /// tunnels. Returns the payment round trip when the voucher pays the
-    /// oldest unpaid invoice: from that invoice to now.
-    pub fn accept(&self, cumulative: Amount, sequence: u64) -> Option<Duration> {
+    /// Counts an accepted (already stored) voucher on `channel` and wakes
+    /// waiting tunnels; a voucher of a channel the key no longer pays
+    /// through still settles, but raises nothing here. Returns the payment
+    /// round trip when the voucher pays the oldest unpaid invoice.
+    pub fn accept(
+        &self,
+        channel: &ChannelId,
+        cumulative: Amount,
+        sequence: u64,
+    ) -> Option<Duration> {
         let round_trip = {
             let mut state = self.lock();
-            if sequence <= state.sequence || cumulative < state.paid {
+            if state.binding.channel != *channel
+                || sequence <= state.sequence
+                || cumulative < state.paid
+            {
                 return None;
             }
             state.paid = cumulative;
@@ -197,7 +302,21 @@ impl Meter {
         round_trip
     }
 
-    /// Bytes carried in this session.
+    /// Records the channel as the registry now shows it: a top-up raises
+    /// what the escrow can pay for; a close request ends carrying on credit.
+    pub fn observe_channel(&self, channel: &ChannelId, deposited: Amount, open: bool) {
+        {
+            let mut state = self.lock();
+            if state.binding.channel != *channel {
+                return;
+            }
+            state.binding.deposited = state.binding.deposited.max(deposited);
+            state.closing |= !open;
+        }
+        self.paid_more.notify_waiters();
+    }
+
+    /// Bytes carried in this binding.
     #[cfg(test)]
     pub fn carried_bytes(&self) -> u64 {
         self.lock().carried_bytes
@@ -209,15 +328,27 @@ mod tests {
     use super::*;
     use ferry_proto::SecretKey;
 
+    fn channel() -> ChannelId {
+        ChannelId::from_bytes([1; 32])
+    }
+
+    fn binding(price_attos: u128, deposited_attos: u128) -> Binding {
+        Binding {
+            channel: channel(),
+            price: PricePerByte::from_attos(price_attos).unwrap(),
+            paid: Amount::from_attos(5_000).unwrap(),
+            sequence: 3,
+            deposited: Amount::from_attos(deposited_attos).unwrap(),
+        }
+    }
+
     fn meter(price_attos: u128, window: u64) -> Meter {
-        Meter::new(
-            ChannelId::from_bytes([1; 32]),
-            SecretKey::from_seed(&[1; 32]).public(),
-            PricePerByte::from_attos(price_attos).unwrap(),
-            window,
-            Amount::from_attos(5_000).unwrap(),
-            3,
-        )
+        let client = SecretKey::from_seed(&[1; 32]).public();
+        Meter::new(client, window, binding(price_attos, u128::from(u64::MAX)), 0)
+    }
+
+    fn attos(value: u128) -> Amount {
+        Amount::from_attos(value).unwrap()
     }
 
     #[test]
@@ -233,6 +364,7 @@ mod tests {
         meter.commit(100, 100);
         assert_eq!(meter.carried_bytes(), 1000);
         assert_eq!(meter.reserve(1), 0);
+        assert_eq!(meter.unpaid_bytes(), 1000);
     }
 
     #[test]
@@ -241,17 +373,77 @@ mod tests {
         assert_eq!(meter.reserve(5000), 1000);
         assert!(meter.commit(1000, 1000), "half the window is uninvoiced");
         let due = meter.invoice().unwrap();
-        assert_eq!(due, Due { carried_bytes: 1000, amount: Amount::from_attos(15_000).unwrap() });
+        assert_eq!(due, Due { channel: channel(), carried_bytes: 1000, amount: attos(15_000) });
         assert_eq!(meter.invoice(), Some(due), "a reminder while unpaid");
-        assert!(meter.accept(due.amount, 4).is_some(), "it pays the invoice: a round trip");
+        assert!(meter.accept(&channel(), due.amount, 4).is_some(), "it pays the invoice");
         assert_eq!(meter.invoice(), None, "nothing new to invoice");
         assert_eq!(meter.reserve(5000), 1000, "paid 1000 bytes: another window's worth");
         meter.commit(1000, 1000);
-        // Replays and decreases change nothing.
-        assert_eq!(meter.accept(Amount::from_attos(99_000).unwrap(), 4), None);
-        assert_eq!(meter.accept(Amount::from_attos(1).unwrap(), 9), None);
+        // Replays, decreases and other channels change nothing.
+        assert_eq!(meter.accept(&channel(), attos(99_000), 4), None);
+        assert_eq!(meter.accept(&channel(), attos(1), 9), None);
+        assert_eq!(meter.accept(&ChannelId::from_bytes([2; 32]), attos(99_000), 9), None);
         assert_eq!(meter.reserve(1), 0);
         assert_eq!(meter.paid(), (due.amount, 4));
+    }
+
+    #[test]
+    fn a_new_session_inherits_the_keys_debt() {
+        let meter = meter(10, 1000);
+        assert_eq!(meter.reserve(700), 700);
+        meter.commit(700, 700);
+        // The client reconnects, on the same channel or another: what it
+        // left unpaid stays owed, and only the rest of the window is left.
+        meter.rebind(binding(10, u128::from(u64::MAX)));
+        assert_eq!(meter.unpaid_bytes(), 700);
+        assert_eq!(meter.reserve(5000), 300);
+        meter.commit(300, 300);
+        meter.rebind(Binding { channel: ChannelId::from_bytes([2; 32]), ..binding(10, 1 << 60) });
+        assert_eq!(meter.reserve(1), 0, "twenty sessions still share one window");
+        // Paying for more than the new session carried pays the debt off.
+        let paid = attos(5_000 + 10 * 400);
+        meter.accept(&ChannelId::from_bytes([2; 32]), paid, 4);
+        assert_eq!(meter.unpaid_bytes(), 600);
+        assert_eq!(meter.reserve(5000), 400);
+    }
+
+    #[test]
+    fn the_window_shrinks_to_what_the_escrow_can_pay() {
+        let client = SecretKey::from_seed(&[1; 32]).public();
+        // 5,000 paid of 5,001 deposited: one atto left pays for no byte.
+        let meter = Meter::new(client, 1000, binding(10, 5_001), 0);
+        assert_eq!(meter.reserve(1000), 0);
+        // A top-up of 3,000 attos pays for 300 bytes.
+        meter.observe_channel(&channel(), attos(8_001), true);
+        assert_eq!(meter.reserve(1000), 300);
+        meter.commit(300, 300);
+        // Paying for them uses the escrow: nothing more on credit.
+        meter.accept(&channel(), attos(8_000), 4);
+        assert_eq!(meter.reserve(1000), 0);
+    }
+
+    #[test]
+    fn a_closing_channel_carries_only_what_was_paid() {
+        let meter = meter(10, 1000);
+        meter.accept(&channel(), attos(7_000), 4);
+        meter.observe_channel(&channel(), attos(1 << 60), false);
+        assert_eq!(meter.reserve(5000), 200, "the 200 bytes paid for, no credit");
+        meter.commit(200, 200);
+        assert_eq!(meter.reserve(1), 0);
+        meter.observe_channel(&channel(), attos(1 << 61), true);
+        assert_eq!(meter.reserve(1), 0, "a closing channel does not reopen");
+    }
+
+    #[test]
+    fn overflowing_amounts_saturate_on_the_safe_side() {
+        let client = SecretKey::from_seed(&[1; 32]).public();
+        let meter = Meter::new(client, u64::MAX, binding(1, u128::from(u64::MAX) * 4), u64::MAX);
+        assert_eq!(meter.reserve(u64::MAX), 0, "a key owing u64::MAX bytes gets nothing");
+        let meter = Meter::new(client, 1000, binding(1, u128::from(u64::MAX) * 4), 0);
+        meter.accept(&channel(), attos(u128::from(u64::MAX) * 3), 4);
+        assert_eq!(meter.reserve(u64::MAX), u64::MAX, "paid beyond u64 bytes: capped, no wrap");
+        meter.commit(u64::MAX, u64::MAX);
+        assert_eq!(meter.unpaid_bytes(), 0);
     }
 
     #[test]
@@ -272,7 +464,7 @@ mod tests {
             let meter = std::sync::Arc::clone(&meter);
             tokio::spawn(async move { meter.wait_for_allowance(Duration::from_secs(30)).await })
         };
-        meter.accept(Amount::from_attos(6_000).unwrap(), 4);
+        meter.accept(&channel(), attos(6_000), 4);
         assert!(tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap());
         assert_eq!(meter.reserve(5000), 100);
     }
@@ -290,13 +482,13 @@ mod tests {
         tokio::task::yield_now().await;
         // A voucher pays for 100 bytes, and another tunnel of the client
         // takes them before the waiter looks.
-        meter.accept(Amount::from_attos(6_000).unwrap(), 4);
+        meter.accept(&channel(), attos(6_000), 4);
         assert_eq!(meter.reserve(1000), 100);
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
         assert!(!waiter.is_finished(), "woken with nothing to carry, it waits on");
-        meter.accept(Amount::from_attos(7_000).unwrap(), 5);
+        meter.accept(&channel(), attos(7_000), 5);
         assert!(tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap());
     }
 
@@ -306,5 +498,6 @@ mod tests {
         assert_eq!(meter.reserve(u64::MAX / 2), u64::MAX / 2);
         assert!(!meter.commit(u64::MAX / 2, u64::MAX / 2));
         assert_eq!(meter.invoice(), None);
+        assert_eq!(meter.unpaid_bytes(), 0);
     }
 }

@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use ferry_proto::Amount;
 use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -51,6 +52,8 @@ pub struct Metrics {
     refused: Family<ReasonLabels, Counter>,
     /// Times a tunnel waited for payment because the credit window was used.
     pub throttled: Counter,
+    /// Connections that hung up once the relay proved its key: probes.
+    pub probed: Counter,
     revenue: Family<RevenueLabels, Gauge<f64, AtomicU64>>,
     payment_round_trip: Histogram,
     /// The histogram's sum and count, which prometheus-client does not
@@ -85,10 +88,16 @@ impl Default for Metrics {
             "Times a tunnel stopped reading because its client's credit window was used",
             throttled.clone(),
         );
+        let probed = Counter::default();
+        registry.register(
+            "probed",
+            "Connections that hung up once the relay proved its key (the registry's probes, clients measuring the round trip)",
+            probed.clone(),
+        );
         let revenue = Family::default();
         registry.register(
             "revenue_units",
-            "Money in vouchers: received (newest per channel), settled, pending (approximate, for display)",
+            "Money in vouchers, in units: received (the newest stored voucher of each channel, cumulative), settled (what the ledger paid on each channel, as of this relay's settlements since it started), pending (received less settled)",
             revenue.clone(),
         );
         // 100 µs to about 1.6 s: a voucher log sync alone is 0.1–0.3 ms on
@@ -107,6 +116,7 @@ impl Default for Metrics {
             vouchers,
             refused,
             throttled,
+            probed,
             revenue,
             payment_round_trip,
             payment_round_trip_totals: Arc::default(),
@@ -159,13 +169,19 @@ impl Metrics {
         self.refused.get_or_create(&ReasonLabels { reason }).inc();
     }
 
-    /// Sets the revenue gauges, in units.
-    pub fn revenue(&self, received: f64, settled: f64) {
-        self.revenue.get_or_create(&RevenueLabels { state: "received" }).set(received);
-        self.revenue.get_or_create(&RevenueLabels { state: "settled" }).set(settled);
-        self.revenue
-            .get_or_create(&RevenueLabels { state: "pending" })
-            .set((received - settled).max(0.0));
+    /// Sets the revenue gauges from exact amounts in attos: each shows the
+    /// nearest float to the exact decimal (Prometheus has no other type).
+    pub fn revenue(&self, received_attos: u128, settled_attos: u128) {
+        let units = |attos: u128| {
+            Amount::from_attos(attos)
+                .map_or(f64::NAN, |amount| amount.to_string().parse().unwrap_or(f64::NAN))
+        };
+        let pending = received_attos.saturating_sub(settled_attos);
+        for (state, attos) in
+            [("received", received_attos), ("settled", settled_attos), ("pending", pending)]
+        {
+            self.revenue.get_or_create(&RevenueLabels { state }).set(units(attos));
+        }
     }
 
     /// The Prometheus text of every metric.

@@ -6,21 +6,24 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_client::{ChannelView, RegistryClient, RegistryError};
+use ferry_client::{RegistryClient, RegistryError};
 use ferry_proto::wire::io::{ReadError, read_frame, write_frame};
 use ferry_proto::wire::{CloseReason, Frame, WIRE_VERSION, transcript};
-use ferry_proto::{ChannelId, PricePerByte, PublicKey, SecretKey};
+use ferry_proto::{PricePerByte, PublicKey, SecretKey};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::config::RelayConfig;
+use crate::data::DataDir;
+use crate::debts::DebtBook;
+use crate::lookups::Lookups;
 use crate::metrics::Metrics;
 use crate::session::Session;
 use crate::store::VoucherStore;
 use crate::tunnel::Pending;
-use crate::{SettleReport, market, session, settle, tunnel};
+use crate::{SettleReport, debts, market, session, settle, tunnel};
 
 /// How long to pause accepting after the listener fails (for example when
 /// the process is out of file descriptors), so the loop does not spin.
@@ -39,17 +42,23 @@ pub(crate) struct Shared {
     pub(crate) key: SecretKey,
     pub(crate) registry: RegistryClient,
     pub(crate) store: VoucherStore,
+    /// What each client key owes, across its sessions and restarts.
+    pub(crate) debts: Arc<DebtBook>,
+    /// The data directory's lock, held while the relay runs.
+    _data_lock: std::fs::File,
+    pub(crate) lookups: Lookups,
     pub(crate) metrics: Metrics,
     pub(crate) sessions: Mutex<HashMap<PublicKey, Arc<Session>>>,
     pub(crate) pending: Mutex<HashMap<u64, Pending>>,
     pub(crate) next_tunnel: AtomicU64,
     pub(crate) tunnels: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
-    channels: Mutex<HashMap<ChannelId, (ChannelView, Instant)>>,
     price: Mutex<PricePerByte>,
     /// When the last advertisement was issued, in ms since the Unix epoch.
     pub(crate) last_advert_ms: AtomicU64,
     pub(crate) settled: settle::Settled,
+    /// Asks the settlement worker for a round now (a channel is closing).
+    pub(crate) settle_now: Notify,
     /// Set once when the relay shuts down; sessions and tunnels watch it.
     pub(crate) shutdown: watch::Sender<bool>,
 }
@@ -62,31 +71,36 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Relay {
     /// A relay with this key and configuration, reporting to `registry`
-    /// (whose key must be `key`) and storing vouchers in `store`.
+    /// (whose key must be `key`) and keeping its vouchers and debts in
+    /// `data`.
     pub fn new(
         config: RelayConfig,
         key: SecretKey,
         registry: RegistryClient,
-        store: VoucherStore,
+        data: DataDir,
     ) -> Relay {
         let price = config.price_per_byte;
         let (shutdown, _) = watch::channel(false);
+        let lookups = Lookups::new(&config.limits);
         Relay {
             shared: Arc::new(Shared {
                 config,
                 key,
                 registry,
-                store,
+                store: data.store,
+                debts: Arc::new(data.debts),
+                _data_lock: data.lock,
+                lookups,
                 metrics: Metrics::default(),
                 sessions: Mutex::default(),
                 pending: Mutex::default(),
                 next_tunnel: AtomicU64::new(1),
                 tunnels: AtomicUsize::new(0),
                 per_ip: Mutex::default(),
-                channels: Mutex::default(),
                 price: Mutex::new(price),
                 last_advert_ms: AtomicU64::new(0),
                 settled: settle::Settled::default(),
+                settle_now: Notify::new(),
                 shutdown,
             }),
         }
@@ -117,12 +131,14 @@ impl Relay {
         Ok(())
     }
 
-    /// Accepts connections on `listener` until `shutdown` completes.
+    /// Accepts connections on `listener` until `shutdown` completes, and
+    /// keeps the debt book on disk meanwhile.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
+        tokio::spawn(debts::run(Arc::clone(&self.shared.debts), self.shared.shutdown.subscribe()));
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -142,17 +158,31 @@ impl Relay {
             };
             let shared = Arc::clone(&self.shared);
             tokio::spawn(async move {
-                handle(shared, stream).await;
+                handle(shared, stream, peer.ip()).await;
                 drop(slot);
             });
         }
     }
 
     /// Ends every session and tunnel, then submits every stored voucher for
-    /// settlement (retrying within `settle_deadline`).
+    /// settlement (retrying within `settle_deadline`) and writes what each
+    /// client key still owes.
     pub async fn shutdown(&self, settle_deadline: Duration) -> SettleReport {
         self.shared.shutdown.send_replace(true);
-        settle::final_round(&self.shared, settle_deadline).await
+        let report = settle::final_round(&self.shared, settle_deadline).await;
+        let book = Arc::clone(&self.shared.debts);
+        match tokio::task::spawn_blocking(move || book.snapshot()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "cannot write the debt book at shutdown"),
+            Err(error) => tracing::error!(%error, "the debt book writer failed at shutdown"),
+        }
+        report
+    }
+
+    /// Bytes `client` was carried and has not paid for, over all its
+    /// sessions: never more than the credit window.
+    pub fn unpaid_bytes(&self, client: &PublicKey) -> u64 {
+        self.shared.debts.owed(client)
     }
 }
 
@@ -163,34 +193,6 @@ impl Shared {
 
     pub(crate) fn price(&self) -> PricePerByte {
         *lock(&self.price)
-    }
-
-    /// The channel as the registry shows it, cached for the configured
-    /// time; `fresh` skips the cache (a voucher above the cached escrow may
-    /// follow a top-up).
-    pub(crate) async fn channel(
-        &self,
-        id: &ChannelId,
-        fresh: bool,
-    ) -> Result<ChannelView, RegistryError> {
-        if !fresh
-            && let Some((view, at)) = lock(&self.channels).get(id)
-            && at.elapsed() < self.config.limits.channel_cache_ttl
-        {
-            return Ok(view.clone());
-        }
-        let view = self.registry.channel(id).await?;
-        let mut channels = lock(&self.channels);
-        // Bounded like sessions: at most one cached channel per session,
-        // plus the ones whose session just ended; stale entries go first.
-        if channels.len() >= self.config.limits.max_sessions {
-            let ttl = self.config.limits.channel_cache_ttl;
-            channels.retain(|_, (_, at)| at.elapsed() < ttl);
-        }
-        if channels.len() < self.config.limits.max_sessions {
-            channels.insert(*id, (view.clone(), Instant::now()));
-        }
-        Ok(view)
     }
 
     pub(crate) fn session(&self, key: &PublicKey) -> Option<Arc<Session>> {
@@ -246,12 +248,16 @@ impl From<ReadError> for Refusal {
     }
 }
 
-async fn handle(shared: Arc<Shared>, mut stream: TcpStream) {
+async fn handle(shared: Arc<Shared>, mut stream: TcpStream, ip: IpAddr) {
     let _ = stream.set_nodelay(true);
     let limit = shared.config.limits.handshake_timeout;
     let opened = match tokio::time::timeout(limit, handshake(&shared, &mut stream)).await {
         Ok(Ok(opened)) => opened,
-        Ok(Err(refusal)) => {
+        Ok(Err(Handshake::Probed)) => {
+            shared.metrics.probed.inc();
+            return;
+        }
+        Ok(Err(Handshake::Refused(refusal))) => {
             shared.metrics.refused("handshake");
             let close = Frame::Close { reason: refusal.reason, message: refusal.message };
             let _ = tokio::time::timeout(limit, write_frame(&mut stream, &close)).await;
@@ -264,7 +270,9 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream) {
     };
     let (client, first) = opened;
     match first {
-        Frame::OpenSession { channel } => session::run(shared, stream, client, channel).await,
+        Frame::OpenSession { channel } => {
+            session::run(shared, stream, client, channel, ip).await;
+        }
         Frame::Dial { peer } => tunnel::dial(shared, stream, client, peer).await,
         Frame::Accept { tunnel } => tunnel::accept(&shared, stream, client, tunnel).await,
         other => {
@@ -277,12 +285,36 @@ async fn handle(shared: Arc<Shared>, mut stream: TcpStream) {
     }
 }
 
+/// How a handshake ended short of a purpose frame.
+enum Handshake {
+    /// The peer hung up cleanly once the relay proved its key: a probe
+    /// (the registry's, or a client measuring the round trip).
+    Probed,
+    /// The peer broke the protocol or failed to authenticate.
+    Refused(Refusal),
+}
+
+impl From<Refusal> for Handshake {
+    fn from(refusal: Refusal) -> Handshake {
+        Handshake::Refused(refusal)
+    }
+}
+
+impl From<ReadError> for Handshake {
+    fn from(error: ReadError) -> Handshake {
+        Handshake::Refused(error.into())
+    }
+}
+
 /// The relay's side of the handshake: returns the authenticated client key
 /// and the connection's first frame after it.
-async fn handshake(shared: &Shared, stream: &mut TcpStream) -> Result<(PublicKey, Frame), Refusal> {
+async fn handshake(
+    shared: &Shared,
+    stream: &mut TcpStream,
+) -> Result<(PublicKey, Frame), Handshake> {
     let Frame::ClientHello { version, client, nonce: client_nonce } = read_frame(stream).await?
     else {
-        return Err(Refusal::new(CloseReason::Protocol, "expected ClientHello"));
+        return Err(Refusal::new(CloseReason::Protocol, "expected ClientHello").into());
     };
     if version != WIRE_VERSION {
         return Err(Refusal::new(
@@ -290,7 +322,8 @@ async fn handshake(shared: &Shared, stream: &mut TcpStream) -> Result<(PublicKey
             format!(
                 "protocol version {version} is not supported; this relay speaks {WIRE_VERSION}"
             ),
-        ));
+        )
+        .into());
     }
     let mut relay_nonce = [0u8; 32];
     getrandom::fill(&mut relay_nonce)
@@ -302,8 +335,13 @@ async fn handshake(shared: &Shared, stream: &mut TcpStream) -> Result<(PublicKey
     write_frame(stream, &hello)
         .await
         .map_err(|e| Refusal::new(CloseReason::Protocol, e.to_string()))?;
-    let Frame::ClientAuth { signature } = read_frame(stream).await? else {
-        return Err(Refusal::new(CloseReason::Protocol, "expected ClientAuth"));
+    let signature = match read_frame(stream).await {
+        Ok(Frame::ClientAuth { signature }) => signature,
+        Err(ReadError::Io(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(Handshake::Probed);
+        }
+        Ok(_) => return Err(Refusal::new(CloseReason::Protocol, "expected ClientAuth").into()),
+        Err(error) => return Err(error.into()),
     };
     let signed = transcript(b'C', version, &client, &client_nonce, &relay, &relay_nonce);
     client.verify(&signed, &signature).map_err(|_| {

@@ -1,10 +1,12 @@
 //! Control sessions: a client's long-lived connection over which it listens
 //! for peers, hears of incoming tunnels, and is invoiced and pays.
 
+use std::net::IpAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_client::ChannelView;
 use ferry_proto::wire::io::{read_frame, write_frame};
 use ferry_proto::wire::{CloseReason, Frame, ListenPolicy, VoucherVerdict};
 use ferry_proto::{Amount, ChannelId, PublicKey, SignedVoucher};
@@ -12,7 +14,8 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-use crate::meter::Meter;
+use crate::lookups::{Class, LookupError};
+use crate::meter::{Binding, Meter};
 use crate::metrics::Held;
 use crate::server::{Refusal, Shared, lock};
 use crate::store::Stored;
@@ -36,6 +39,9 @@ pub(crate) struct Session {
     pub(crate) tunnels: AtomicUsize,
     /// Asks the writer to send an invoice now.
     pub(crate) invoice_wanted: Notify,
+    /// Asks the channel watcher to look the channel up now (a tunnel is
+    /// held back by what the escrow can pay).
+    pub(crate) check_channel: Notify,
     /// Set when the session ends, with why; its tunnels watch it.
     pub(crate) closed: watch::Sender<Option<CloseReason>>,
 }
@@ -68,14 +74,15 @@ pub(crate) async fn run(
     stream: TcpStream,
     client: PublicKey,
     channel: Option<ChannelId>,
+    ip: IpAddr,
 ) {
     let (mut reader, mut writer) = stream.into_split();
     let meter = match channel {
         None => None,
-        Some(channel) => match open_meter(&shared, client, channel).await {
-            Ok(meter) => Some(Arc::new(meter)),
-            Err(refusal) => {
-                shared.metrics.refused("channel");
+        Some(channel) => match open_meter(&shared, client, channel, ip).await {
+            Ok(meter) => Some(meter),
+            Err((label, refusal)) => {
+                shared.metrics.refused(label);
                 refuse(&shared, &mut writer, refusal).await;
                 return;
             }
@@ -90,6 +97,7 @@ pub(crate) async fn run(
         meter,
         tunnels: AtomicUsize::new(0),
         invoice_wanted: Notify::new(),
+        check_channel: Notify::new(),
         closed,
     });
     let admitted = {
@@ -112,7 +120,10 @@ pub(crate) async fn run(
     let _held = Held::new(&shared.metrics.sessions);
     let (paid, sequence) = session.meter.as_ref().map_or((Amount::ZERO, 0), |meter| meter.paid());
     let ready = Frame::SessionReady {
-        price_per_byte: session.meter.as_ref().map_or(shared.price(), |meter| meter.price),
+        price_per_byte: session
+            .meter
+            .as_ref()
+            .map_or(shared.price(), |meter| meter.binding().price),
         credit_window_bytes: shared.config.credit_window_bytes,
         paid,
         sequence,
@@ -140,6 +151,11 @@ pub(crate) async fn run(
                 Arc::clone(meter),
                 to_acknowledge,
             ));
+            tokio::spawn(watch_channel(
+                Arc::clone(&shared),
+                Arc::clone(&session),
+                Arc::clone(meter),
+            ));
             acks
         });
         read_loop(&shared, &mut reader, &session, acks.as_ref()).await
@@ -159,43 +175,63 @@ pub(crate) async fn run(
     }
 }
 
-/// Checks the channel with the registry and resumes its payments from the
-/// newest voucher the relay holds or the ledger settled.
+/// Checks the channel with the registry and binds the client key's meter
+/// to it, resuming from the newest voucher the relay holds or the ledger
+/// settled. A refusal comes with its metric label.
 async fn open_meter(
     shared: &Shared,
     client: PublicKey,
     channel: ChannelId,
-) -> Result<Meter, Refusal> {
-    let view = shared.channel(&channel, false).await.map_err(|error| {
-        tracing::warn!(%error, %channel, "cannot check a channel with the registry");
-        Refusal::new(CloseReason::Unavailable, "the relay cannot check the channel now")
-    })?;
+    ip: IpAddr,
+) -> Result<Arc<Meter>, (&'static str, Refusal)> {
+    // A channel the relay was paid through is looked up on the relay's own
+    // ration; any other is a stranger's, rationed per address.
+    let stored = shared.store.latest(&channel);
+    let class = if stored.is_some() { Class::Known } else { Class::Stranger(ip) };
+    let view = match shared.lookups.channel(&shared.registry, &channel, class, false).await {
+        Ok(Some(view)) => view,
+        Ok(None) => {
+            let refusal = Refusal::new(CloseReason::BadChannel, "the registry has no such channel");
+            return Err(("unknown_channel", refusal));
+        }
+        Err(error @ LookupError::Busy(_)) => {
+            return Err((
+                "lookups_busy",
+                Refusal::new(CloseReason::Unavailable, error.to_string()),
+            ));
+        }
+        Err(LookupError::Registry(error)) => {
+            tracing::warn!(%error, %channel, "cannot check a channel with the registry");
+            let refusal =
+                Refusal::new(CloseReason::Unavailable, "the relay cannot check the channel now");
+            return Err(("registry_unavailable", refusal));
+        }
+    };
     if view.client != client || view.relay != shared.key.public() {
-        return Err(Refusal::new(
-            CloseReason::BadChannel,
-            "the channel is not yours to this relay",
-        ));
+        let refusal =
+            Refusal::new(CloseReason::BadChannel, "the channel is not yours to this relay");
+        return Err(("channel", refusal));
     }
     if view.state != "open" {
-        return Err(Refusal::new(
-            CloseReason::BadChannel,
-            format!("the channel is {}", view.state),
-        ));
+        let refusal =
+            Refusal::new(CloseReason::BadChannel, format!("the channel is {}", view.state));
+        return Err(("channel", refusal));
     }
     let (mut paid, mut sequence) = (view.settled, view.last_sequence);
-    if let Some(stored) = shared.store.latest(&channel)
+    if let Some(stored) = stored
         && stored.voucher.sequence > sequence
     {
         (paid, sequence) = (stored.voucher.cumulative, stored.voucher.sequence);
     }
-    Ok(Meter::new(
-        channel,
-        client,
-        shared.price(),
-        shared.config.credit_window_bytes,
-        paid,
-        sequence,
-    ))
+    let binding =
+        Binding { channel, price: shared.price(), paid, sequence, deposited: view.deposited };
+    let limits = &shared.config.limits;
+    shared
+        .debts
+        .meter(client, shared.config.credit_window_bytes, binding, limits.max_debtors)
+        .map_err(|_| {
+            ("max_debtors", Refusal::new(CloseReason::Limit, "the relay serves too many clients"))
+        })
 }
 
 async fn refuse(shared: &Shared, writer: &mut OwnedWriteHalf, refusal: Refusal) {
@@ -292,9 +328,12 @@ async fn read_loop(
     }
 }
 
-/// Checks a voucher locally (no ledger call unless it exceeds the cached
+/// Checks a voucher locally (no registry call unless it exceeds the cached
 /// escrow) against the session's channel and the `newest` voucher that
-/// passed. A voucher that passes counts only once it is durable.
+/// passed. A voucher that passes counts only once it is durable. It passes
+/// only if the ledger would settle it: its fields are in the ledger's range
+/// (the one rule in `ferry_proto`), it is within the escrow and the
+/// channel is open.
 async fn judge(
     shared: &Shared,
     session: &Session,
@@ -305,11 +344,15 @@ async fn judge(
         return Err(VoucherVerdict::WrongChannel);
     };
     let v = &voucher.voucher;
-    if v.channel != meter.channel {
+    let channel = meter.binding().channel;
+    if v.channel != channel {
         return Err(VoucherVerdict::WrongChannel);
     }
     if voucher.verify(&meter.client).is_err() {
         return Err(VoucherVerdict::Forged);
+    }
+    if !fields_in_range(v) {
+        return Err(VoucherVerdict::OutOfRange);
     }
     if v.sequence <= newest_sequence {
         return Err(VoucherVerdict::Replayed);
@@ -317,19 +360,81 @@ async fn judge(
     if v.cumulative < newest_paid {
         return Err(VoucherVerdict::Stale);
     }
-    let within_escrow = |fresh: bool| async move {
-        match shared.channel(&meter.channel, fresh).await {
-            Ok(view) => v.cumulative <= view.deposited,
+    let look_up = |fresh: bool| async move {
+        match shared.lookups.channel(&shared.registry, &channel, Class::Known, fresh).await {
+            Ok(view) => view,
             Err(error) => {
                 tracing::warn!(%error, "cannot check a voucher's escrow with the registry");
-                false
+                None
             }
         }
     };
-    if !within_escrow(false).await && !within_escrow(true).await {
+    let covers = |view: &Option<ChannelView>| {
+        view.as_ref().is_some_and(|view| view.state == "open" && v.cumulative <= view.deposited)
+    };
+    let mut view = look_up(false).await;
+    if !covers(&view) {
+        view = look_up(true).await;
+    }
+    if let Some(view) = &view {
+        meter.observe_channel(&channel, view.deposited, view.state == "open");
+        if view.state != "open" {
+            return Err(VoucherVerdict::ChannelClosing);
+        }
+    }
+    if !covers(&view) {
         return Err(VoucherVerdict::OverEscrow);
     }
     Ok(())
+}
+
+/// Follows the paying channel's life while the session lasts: every
+/// `channel_check_interval` (sooner when a tunnel is held back by the
+/// escrow, but at most once a second) it looks the channel up, so a top-up
+/// raises the window and a close request ends the session within that
+/// interval, after asking for the channel's vouchers to be settled at once:
+/// during the dispute window they still pay.
+async fn watch_channel(shared: Arc<Shared>, session: Arc<Session>, meter: Arc<Meter>) {
+    const MIN_GAP: Duration = Duration::from_secs(1);
+    let channel = meter.binding().channel;
+    let interval = shared.config.limits.channel_check_interval;
+    let mut closed = session.closed.subscribe();
+    let mut last_check = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(last_check + interval) => {}
+            () = session.check_channel.notified() => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(last_check + MIN_GAP) => {}
+                    _ = closed.changed() => return,
+                }
+            }
+            _ = closed.changed() => return,
+        }
+        if closed.borrow().is_some() {
+            return;
+        }
+        last_check = tokio::time::Instant::now();
+        let looked_up =
+            shared.lookups.channel(&shared.registry, &channel, Class::Known, true).await;
+        match looked_up {
+            Ok(Some(view)) if view.state == "open" => {
+                meter.observe_channel(&channel, view.deposited, true);
+            }
+            Ok(Some(view)) => {
+                meter.observe_channel(&channel, view.deposited, false);
+                tracing::info!(%channel, state = view.state, "the channel is closing: settling now");
+                shared.settle_now.notify_one();
+                session.close(CloseReason::BadChannel);
+                return;
+            }
+            Ok(None) => {
+                session.close(CloseReason::BadChannel);
+                return;
+            }
+            Err(error) => tracing::warn!(%error, %channel, "cannot follow a channel's state"),
+        }
+    }
 }
 
 /// Counts each checked voucher, in order, once it is on disk, and answers
@@ -348,7 +453,7 @@ async fn acknowledge_loop(
             return;
         }
         let v = voucher.voucher;
-        if let Some(round_trip) = meter.accept(v.cumulative, v.sequence) {
+        if let Some(round_trip) = meter.accept(&v.channel, v.cumulative, v.sequence) {
             shared.metrics.paid_after(round_trip);
         }
         let verdict = VoucherVerdict::Accepted;
@@ -407,11 +512,11 @@ async fn write_loop(
 }
 
 fn invoice(session: &Session) -> Option<Frame> {
-    let meter = session.meter.as_ref()?;
-    let due = meter.invoice()?;
-    Some(Frame::Invoice {
-        channel: meter.channel,
-        carried_bytes: due.carried_bytes,
-        due: due.amount,
-    })
+    let due = session.meter.as_ref()?.invoice()?;
+    Some(Frame::Invoice { channel: due.channel, carried_bytes: due.carried_bytes, due: due.amount })
+}
+
+// TEMPORARY until the shared rule lands in ferry_proto.
+fn fields_in_range(v: &ferry_proto::Voucher) -> bool {
+    v.sequence <= i64::MAX as u64
 }

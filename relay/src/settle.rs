@@ -32,7 +32,9 @@ pub struct SettleReport {
     pub incomplete: bool,
 }
 
-/// The newest settled (or finally rejected) voucher of each channel.
+/// Per channel: the newest voucher the ledger answered for (settled, or
+/// refused for good: either way not submitted again), and the cumulative
+/// amount the ledger paid on it, which refused vouchers do not raise.
 #[derive(Debug, Default)]
 pub(crate) struct Settled {
     channels: Mutex<HashMap<ChannelId, (u64, Amount)>>,
@@ -43,11 +45,12 @@ impl Settled {
         lock(&self.channels).get(channel).map_or(0, |(sequence, _)| *sequence)
     }
 
-    fn mark(&self, voucher: &SignedVoucher) {
+    fn mark(&self, voucher: &SignedVoucher, paid: bool) {
         let mut channels = lock(&self.channels);
         let entry = channels.entry(voucher.voucher.channel).or_insert((0, Amount::ZERO));
-        if voucher.voucher.sequence > entry.0 {
-            *entry = (voucher.voucher.sequence, voucher.voucher.cumulative);
+        entry.0 = entry.0.max(voucher.voucher.sequence);
+        if paid {
+            entry.1 = entry.1.max(voucher.voucher.cumulative);
         }
     }
 
@@ -64,6 +67,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = timer.tick() => {}
+            () = shared.settle_now.notified() => {}
             _ = shutdown.changed() => return,
         }
         let report = round(&shared).await;
@@ -111,8 +115,7 @@ pub(crate) async fn round(shared: &Shared) -> SettleReport {
             }
         }
     }
-    let units = |attos: u128| attos as f64 / 1e18;
-    shared.metrics.revenue(units(received), units(shared.settled.total()));
+    shared.metrics.revenue(received, shared.settled.total());
     report
 }
 
@@ -133,15 +136,22 @@ async fn submit(
         )?;
     report.submitted += batch.len();
     for (voucher, outcome) in batch.iter().zip(outcomes) {
-        match outcome["outcome"].as_str() {
-            Some("settled") => report.settled += 1,
-            Some("already_settled") => report.already_settled += 1,
+        let paid = match outcome["outcome"].as_str() {
+            Some("settled") => {
+                report.settled += 1;
+                true
+            }
+            Some("already_settled") => {
+                report.already_settled += 1;
+                true
+            }
             _ => {
                 report.rejected += 1;
                 tracing::warn!(channel = %voucher.voucher.channel, %outcome, "the ledger refused a voucher");
+                false
             }
-        }
-        shared.settled.mark(voucher);
+        };
+        shared.settled.mark(voucher, paid);
     }
     Ok(())
 }

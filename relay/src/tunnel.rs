@@ -242,6 +242,9 @@ impl Pump<'_> {
                 // bill what was carried, and wait for a voucher.
                 self.shared.metrics.throttled.inc();
                 self.session.invoice_wanted.notify_one();
+                if self.meter.escrow_bound() {
+                    self.session.check_channel.notify_one();
+                }
                 if !self.meter.wait_for_allowance(grace).await {
                     return CloseReason::NotPaid;
                 }

@@ -275,11 +275,16 @@ async fn a_relay_restarted_from_its_voucher_log_settles_every_acknowledged_vouch
         Event::VoucherResult { verdict: VoucherVerdict::Accepted, .. }
     ));
     // The relay stops without shutting down or settling; a new relay with
-    // the same key starts from its voucher log alone.
+    // the same key starts from its voucher log alone, copied as a crash
+    // leaves it (the first relay's process lives on here and holds the
+    // data directory's lock, as a process that has not died would).
     let RunningRelay { stop, store_dir, .. } = relay;
     drop(stop);
     assert_eq!(store_dir, dir);
-    let restarted = RunningRelay::start(&registry, &relay_key, |_| {}, dir).await;
+    let copy = common::store_dir("crash-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(dir.join("vouchers.log"), copy.join("vouchers.log")).unwrap();
+    let restarted = RunningRelay::start(&registry, &relay_key, |_| {}, copy).await;
     let report = restarted.shutdown().await;
     assert_eq!(report.settled, 1, "{report:?}");
     let view = registry.client(&relay_key).channel(&channel).await.unwrap();

@@ -16,7 +16,7 @@ use ferry_ledger::embedded::EmbeddedOptions;
 use ferry_ledger::{Ledger, LedgerConfig};
 use ferry_proto::wire::ListenPolicy;
 use ferry_proto::{PricePerByte, SecretKey};
-use ferry_relay::{COPY_BUFFER, Relay, RelayConfig, VoucherStore};
+use ferry_relay::{COPY_BUFFER, DataDir, Relay, RelayConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -263,13 +263,13 @@ async fn relay_run(
     let mut config = RelayConfig::new(&address, "bench", price);
     config.credit_window_bytes = credit_window_bytes.unwrap_or(CREDIT_WINDOW_BYTES);
     let tag = format!("{round}-{}", credit_window_bytes.unwrap_or(0));
-    let store = VoucherStore::open(&scratch.join(format!("vouchers-{tag}.log")))?;
+    let data = DataDir::open(&scratch.join(format!("relay-{tag}")))?;
     let http = RegistryClient::http()?;
     let relay = Relay::new(
         config,
         relay_key.clone(),
         RegistryClient::new(registry, relay_key.clone(), http),
-        store,
+        data,
     );
     relay.register().await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
