@@ -69,6 +69,11 @@ pub struct RelayArgs {
     /// Control sessions the relay holds at once [default: 100000].
     #[arg(long, env = "FERRY_RELAY_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
+    /// Seconds between lookups of a paying session's channel: the relay
+    /// learns of a top-up or a close request within this time; keep it well
+    /// under the registry's dispute window [default: 5].
+    #[arg(long, env = "FERRY_RELAY_CHANNEL_CHECK_INTERVAL_SECS")]
+    pub channel_check_interval_secs: Option<u64>,
     /// Serve /metrics and /healthz on this address (off when absent).
     #[arg(long, env = "FERRY_RELAY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -101,6 +106,9 @@ impl RelayArgs {
             heartbeat_interval_secs: self.heartbeat_interval_secs.or(file.heartbeat_interval_secs),
             connections_per_ip: self.connections_per_ip.or(file.connections_per_ip),
             max_sessions: self.max_sessions.or(file.max_sessions),
+            channel_check_interval_secs: self
+                .channel_check_interval_secs
+                .or(file.channel_check_interval_secs),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
         })
     }
@@ -154,6 +162,9 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     }
     if let Some(count) = args.max_sessions {
         config.limits.max_sessions = count;
+    }
+    if let Some(seconds) = args.channel_check_interval_secs {
+        config.limits.channel_check_interval = Duration::from_secs(seconds.max(1));
     }
     let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from("ferry-relay-data"));
     let data = DataDir::open(&data_dir)?;
