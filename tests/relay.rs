@@ -17,13 +17,11 @@ async fn settled(registry: &RegistryClient, channel: &ChannelId) -> String {
     registry.channel(channel).await.unwrap().settled.to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_killed_with_sigkill_settles_its_acknowledged_voucher_after_a_restart() {
+/// A `ferry registry` process on a fresh database, with its operator key in
+/// `dir`; returns it, its URL and the operator key.
+async fn start_registry(dir: &std::path::Path) -> (std::process::Child, String, SecretKey) {
     let options = ferry_ledger::testing::fresh_database().await.unwrap();
     let url = options.to_url_lossy().to_string();
-    let dir = std::env::temp_dir().join(format!("ferry-relay-kill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
     let operator_path = dir.join("operator.key");
     let (registry_process, line) = spawn(vec![
         "registry".into(),
@@ -37,6 +35,54 @@ async fn a_relay_killed_with_sigkill_settles_its_acknowledged_voucher_after_a_re
     .await;
     let base = line.strip_prefix("listening on ").unwrap().split_whitespace().next().unwrap();
     let operator = SecretKey::read_file(&operator_path).unwrap();
+    (registry_process, base.to_owned(), operator)
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferry-relay-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_on_a_data_directory_in_use_is_refused() {
+    let dir = scratch("locked");
+    let (registry_process, base, _) = start_registry(&dir).await;
+    let data = dir.join("data");
+    let mut args = relay_args(&base, &dir, None);
+    args.extend(["--data-dir".into(), data.display().to_string()]);
+    let (first, _) = spawn(args.clone()).await;
+    // The second one binds its own port and key, but not the directory.
+    let mut second = relay_args(&base, &dir.join("second"), None);
+    second.extend(["--data-dir".into(), data.display().to_string()]);
+    std::fs::create_dir_all(dir.join("second")).unwrap();
+    let output = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry")).args(&second).output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the second relay must not run: {stderr}");
+    assert!(
+        stderr.contains("is in use by another relay") && stderr.contains("--data-dir"),
+        "the error names the cause and the way out: {stderr}"
+    );
+    // The first one goes on, and once it has stopped the directory is free.
+    assert!(signal_and_wait(first, "-TERM").await.success());
+    let (again, _) = spawn(args).await;
+    assert!(signal_and_wait(again, "-TERM").await.success());
+    assert!(signal_and_wait(registry_process, "-TERM").await.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_with_sigkill_settles_its_acknowledged_voucher_after_a_restart() {
+    let dir = scratch("kill");
+    let (registry_process, base, operator) = start_registry(&dir).await;
+    let base = base.as_str();
     let http = RegistryClient::http().unwrap();
 
     // Settings from a config file: vouchers wait an hour for the timer, so
