@@ -114,6 +114,13 @@ async fn a_paid_tunnel_carries_bytes_intact_both_ways_and_the_relay_is_settled()
     let view = registry.client(&relay_key).channel(&channel).await.unwrap();
     let due = Amount::from_attos(u128::from(carried) * 1_000_000_000).unwrap();
     assert_eq!(view.settled, due);
+    // The money metric says what the ledger says.
+    let settled_metric = metrics
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix("ferry_relay_revenue_units{state=\"settled\"} "))
+        .map(|value| value.parse::<f64>().unwrap());
+    assert_eq!(settled_metric, Some(due.to_string().parse::<f64>().unwrap()));
     registry.assert_invariants().await;
 }
 
@@ -373,5 +380,16 @@ async fn the_registry_probes_relays_and_an_impostor_or_a_dead_relay_fails() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Probes hang up once the relay proved its key: counted as probes, not
+    // as refused handshakes.
+    let metrics = honest.relay.metrics().render();
+    let probed: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("ferry_relay_probed_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(probed > 0, "{metrics}");
+    assert!(!metrics.contains("reason=\"handshake\""), "{metrics}");
     honest.shutdown().await;
 }
