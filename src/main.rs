@@ -183,6 +183,7 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    let shutdown = shutdown_signal();
     announce(&format!(
         "listening on http://{} (operator key {})",
         listener.local_addr()?,
@@ -197,7 +198,7 @@ async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
                 .then(|| std::time::Duration::from_secs(args.probe_interval_secs)),
         },
     );
-    let served = ferry_api::serve(listener, state, shutdown_signal()).await;
+    let served = ferry_api::serve(listener, state, shutdown).await;
     ledger.close().await;
     db.close().await?;
     served.context("serving the registry")
@@ -212,23 +213,36 @@ pub(crate) fn announce(line: &str) {
 }
 
 /// Completes on SIGINT or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+/// Completes on SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled: a command calls it before
+/// it announces itself, so a signal sent right after the announcement is
+/// never missed (the default action would kill the process unsettled).
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for {name}");
+            None
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
+    let (interrupt, terminate) =
+        (listen(SignalKind::interrupt(), "SIGINT"), listen(SignalKind::terminate(), "SIGTERM"));
+    async move {
+        let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+            match signal {
+                Some(mut signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = wait(interrupt) => {}
+            () = wait(terminate) => {}
+        }
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

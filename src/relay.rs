@@ -184,12 +184,13 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
             std::future::pending(),
         ));
     }
+    let shutdown = crate::shutdown_signal();
     crate::announce(&format!(
         "relay {} listening on {bound} (price {} per GiB, registry {registry})",
         relay.public_key(),
         relay.price().per_gib()
     ));
-    relay.serve(listener, crate::shutdown_signal()).await?;
+    relay.serve(listener, shutdown).await?;
     let report = relay.shutdown(SHUTDOWN_SETTLE_DEADLINE).await;
     crate::announce(&format!(
         "settled {} vouchers ({} already, {} refused){}",
