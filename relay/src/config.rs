@@ -66,12 +66,14 @@ pub struct Limits {
     /// Connections from one IP address at once (sessions, tunnels and
     /// handshakes in progress).
     pub connections_per_ip: usize,
-    /// How long a channel's state fetched from the registry is trusted.
+    /// How long the registry's answer that a channel does not exist is
+    /// remembered.
     pub channel_cache_ttl: Duration,
     /// How often a paying session's channel is looked up again, so the
     /// relay learns of a top-up or a close request within this time (while
-    /// the known-channel lookups last; see `known_lookups`). Keep it well
-    /// under the registry's dispute window.
+    /// the known-channel lookups last; see `known_lookups`), and how long
+    /// any channel's view is used at all. Keep it well under the registry's
+    /// dispute window.
     pub channel_check_interval: Duration,
     /// Lookups of channels the relay has been paid through.
     pub known_lookups: Rate,

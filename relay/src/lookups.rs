@@ -15,6 +15,12 @@
 //! Both rations together stay below the registry's default per-key rate, so
 //! heartbeats and settlements always find room.
 //!
+//! An open channel's view is used for at most the channel check interval:
+//! every view the relay acts on (to open a session, to count a voucher) is
+//! that recent, so as long as the interval is shorter than the registry's
+//! dispute window, a close request is seen while the channel's vouchers can
+//! still be settled. Unknown channels are remembered for the cache time.
+//!
 //! [`Limits::known_lookups`]: crate::Limits::known_lookups
 //! [`Limits::stranger_lookups`]: crate::Limits::stranger_lookups
 //! [`Limits::stranger_lookups_per_ip`]: crate::Limits::stranger_lookups_per_ip
@@ -63,7 +69,10 @@ pub(crate) struct Lookups {
     known: RateLimiter<()>,
     strangers: RateLimiter<()>,
     strangers_per_ip: RateLimiter<IpAddr>,
-    ttl: Duration,
+    /// How long an unknown channel is remembered.
+    unknown_ttl: Duration,
+    /// How long a known channel's view is used.
+    known_ttl: Duration,
     max_cached: usize,
 }
 
@@ -74,7 +83,8 @@ impl Lookups {
             known: RateLimiter::new(limits.known_lookups),
             strangers: RateLimiter::new(limits.stranger_lookups),
             strangers_per_ip: RateLimiter::new(limits.stranger_lookups_per_ip),
-            ttl: limits.channel_cache_ttl,
+            unknown_ttl: limits.channel_cache_ttl,
+            known_ttl: limits.channel_check_interval,
             max_cached: limits.max_sessions,
         }
     }
@@ -90,7 +100,7 @@ impl Lookups {
     ) -> Result<Option<ChannelView>, LookupError> {
         if !fresh
             && let Some((view, at)) = lock(&self.cache).get(id)
-            && at.elapsed() < self.ttl
+            && at.elapsed() < self.ttl(view)
         {
             return Ok(view.clone());
         }
@@ -105,13 +115,16 @@ impl Lookups {
         // Bounded: stale entries go first, and when the cache is still full
         // the answer is simply not kept.
         if cache.len() >= self.max_cached {
-            let ttl = self.ttl;
-            cache.retain(|_, (_, at)| at.elapsed() < ttl);
+            cache.retain(|_, (view, at)| at.elapsed() < self.ttl(view));
         }
         if cache.len() < self.max_cached || cache.contains_key(id) {
             cache.insert(*id, (view.clone(), Instant::now()));
         }
         Ok(view)
+    }
+
+    fn ttl(&self, view: &Option<ChannelView>) -> Duration {
+        if view.is_some() { self.known_ttl } else { self.unknown_ttl }
     }
 
     /// Takes one lookup from `class`'s ration.
