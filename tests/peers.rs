@@ -10,7 +10,6 @@ mod common;
 mod process;
 
 use std::path::Path;
-use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,7 +97,11 @@ fn payload(length: usize) -> Vec<u8> {
     bytes
 }
 
-async fn relay_process(registry: &Registry, dir: &Path, price: &str) -> (Child, RelayAddress) {
+async fn relay_process(
+    registry: &Registry,
+    dir: &Path,
+    price: &str,
+) -> (process::Process, RelayAddress) {
     std::fs::create_dir_all(dir).unwrap();
     let mut args = process::relay_args(&registry.base, dir, None);
     args.extend([
