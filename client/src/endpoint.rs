@@ -200,7 +200,9 @@ impl Endpoint {
 
     /// Starts listening: picks the best relays under the policy, listens on
     /// them (and on the direct address, if configured), and publishes them
-    /// as this endpoint's home relays. Returns the published list.
+    /// as this endpoint's home relays. Returns the published list. A relay
+    /// is published only once it confirmed the listen, so a peer that
+    /// reads the list can dial at once.
     pub async fn listen(&self) -> Result<SignedHomeRelays, EndpointError> {
         let shared = &self.shared;
         let ranked = select::discover(&shared.registry, &shared.me, &shared.config.policy).await?;

@@ -30,6 +30,9 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const SESSION_EVENTS: usize = 256;
 /// Frames waiting to be written to the relay.
 const SESSION_OUTBOX: usize = 64;
+/// How long [`Session::listen`] waits for the relay to confirm that the
+/// policy applies.
+pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Session::close`] waits for the relay's verdict on the last
 /// voucher before it closes anyway.
 pub const CLOSE_PAYMENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -271,6 +274,10 @@ pub struct Session {
     writer: SessionWriter,
     outbox: mpsc::Sender<Frame>,
     events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
+    /// Listen frames sent; held while one waits for its confirmation.
+    listens: tokio::sync::Mutex<u64>,
+    /// Listen frames the relay confirmed (they are applied in order).
+    listened: watch::Receiver<u64>,
     /// The relay's verdicts on this session's vouchers.
     verdicts: watch::Receiver<Verdicts>,
 }
@@ -309,6 +316,7 @@ impl Session {
             }
         });
         let billing = Arc::new(Billing::new(payer, terms));
+        let (listened_tx, listened) = watch::channel(0);
         let opened = Verdicts { accepted: terms.sequence, refused: None };
         let (verdicts_tx, verdicts) = watch::channel(opened);
         let reading = Reading {
@@ -316,6 +324,7 @@ impl Session {
             outbox: outbox.clone(),
             events: events_tx,
             billing: Arc::clone(&billing),
+            listened: listened_tx,
             verdicts: verdicts_tx,
         };
         tokio::spawn(read_loop(reader, reading));
@@ -327,6 +336,8 @@ impl Session {
             writer,
             outbox,
             events: tokio::sync::Mutex::new(events),
+            listens: tokio::sync::Mutex::new(0),
+            listened,
             verdicts,
         })
     }
@@ -365,9 +376,23 @@ impl Session {
         self.outbox.send(frame).await.map_err(|_| RelayError::Protocol("the session ended".into()))
     }
 
-    /// Sets who may reach this client through the relay.
+    /// Sets who may reach this client through the relay, and returns once
+    /// the relay confirmed that the policy applies (within
+    /// [`LISTEN_TIMEOUT`]): a peer dialling after that is let through.
     pub async fn listen(&self, policy: ListenPolicy) -> Result<(), RelayError> {
-        self.send(Frame::Listen { policy }).await
+        // Held until confirmed: the relay confirms Listen frames in order,
+        // so the n-th confirmation is the n-th frame's.
+        let mut sent = self.listens.lock().await;
+        self.send(Frame::Listen { policy }).await?;
+        *sent += 1;
+        let target = *sent;
+        let mut listened = self.listened.clone();
+        match tokio::time::timeout(LISTEN_TIMEOUT, listened.wait_for(|done| *done >= target)).await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(RelayError::Protocol("the session ended before listening".into())),
+            Err(_) => Err(RelayError::Timeout),
+        }
     }
 
     /// Refuses an incoming tunnel.
@@ -649,12 +674,14 @@ struct Reading {
     outbox: mpsc::Sender<Frame>,
     events: mpsc::Sender<Event>,
     billing: Arc<Billing>,
+    /// Counts the relay's Listening confirmations.
+    listened: watch::Sender<u64>,
     /// The relay's verdicts on vouchers.
     verdicts: watch::Sender<Verdicts>,
 }
 
 async fn read_loop(mut reader: OwnedReadHalf, reading: Reading) {
-    let Reading { writer, outbox, events, billing, verdicts } = reading;
+    let Reading { writer, outbox, events, billing, listened, verdicts } = reading;
     loop {
         let event = match read_frame(&mut reader).await {
             Err(error) => {
@@ -665,6 +692,10 @@ async fn read_loop(mut reader: OwnedReadHalf, reading: Reading) {
                 continue;
             }
             Ok(Frame::Pong(_)) => continue,
+            Ok(Frame::Listening) => {
+                listened.send_modify(|count| *count += 1);
+                continue;
+            }
             Ok(Frame::Incoming { tunnel, caller }) => Event::Incoming { tunnel, caller },
             Ok(Frame::Invoice { channel, carried_bytes, due }) => {
                 let ours = billing.payer.as_ref().is_some_and(|payer| payer.channel == channel);
