@@ -602,26 +602,14 @@ async fn send(
     let config = EndpointConfig { policy, budget: Some(budget), ..EndpointConfig::default() };
     let endpoint = Endpoint::new(cx.registry.clone(), config);
     let started = Instant::now();
-    let mut stream = endpoint.dial(to).await.with_context(|| format!("dialling {to}"))?;
-    let mut header = FILE_MAGIC.to_vec();
-    header.extend_from_slice(format!("{name}\n{size}\n").as_bytes());
-    stream.write_all(&header).await?;
     let progress = Progress::new(size, cx.json)?;
-    let (sent, hash) = copy_hashed(&mut source, &mut stream, size, &progress, || {
-        Some(format!("paid {}", paid_total(&endpoint)))
-    })
-    .await?;
-    anyhow::ensure!(sent == size, "{} shrank while it was being sent", file.display());
-    stream.write_all(hash.as_bytes()).await?;
-    stream.shutdown().await?;
-    let mut verdict = String::new();
-    tokio::time::timeout(VERDICT_TIMEOUT, stream.read_to_string(&mut verdict))
-        .await
-        .context("the receiver did not confirm in time")??;
+    let sending = send_over(&endpoint, to, &mut source, (&name, size), &progress).await;
+    // On every path: closing pays for the bytes since the last invoice.
+    endpoint.close().await;
+    let (hash, verdict) = sending?;
     progress.bar.finish_and_clear();
     let elapsed = started.elapsed();
     let paid = paid_total(&endpoint);
-    endpoint.close().await;
     anyhow::ensure!(
         verdict.trim() == format!("ok {hash}"),
         "the receiver reports a mismatch: {}",
@@ -634,11 +622,38 @@ async fn send(
         }));
     }
     println!(
-        "sent {name} ({}) to {to} in {:.1} s; blake3 {hash} confirmed; paid {paid} so far",
+        "sent {name} ({}) to {to} in {:.1} s; blake3 {hash} confirmed; paid {paid}",
         human_bytes(size),
         elapsed.as_secs_f64()
     );
     Ok(())
+}
+
+/// Dials `to` through `endpoint` and sends the file: header, contents,
+/// blake3. Returns the hash and the receiver's verdict.
+async fn send_over(
+    endpoint: &Endpoint,
+    to: PublicKey,
+    source: &mut tokio::fs::File,
+    (name, size): (&str, u64),
+    progress: &Progress,
+) -> anyhow::Result<(blake3::Hash, String)> {
+    let mut stream = endpoint.dial(to).await.with_context(|| format!("dialling {to}"))?;
+    let mut header = FILE_MAGIC.to_vec();
+    header.extend_from_slice(format!("{name}\n{size}\n").as_bytes());
+    stream.write_all(&header).await?;
+    let (sent, hash) = copy_hashed(source, &mut stream, size, progress, || {
+        Some(format!("paid {}", paid_total(endpoint)))
+    })
+    .await?;
+    anyhow::ensure!(sent == size, "{name} shrank while it was being sent");
+    stream.write_all(hash.as_bytes()).await?;
+    stream.shutdown().await?;
+    let mut verdict = String::new();
+    tokio::time::timeout(VERDICT_TIMEOUT, stream.read_to_string(&mut verdict))
+        .await
+        .context("the receiver did not confirm in time")??;
+    Ok((hash, verdict))
 }
 
 /// Reads one header line of at most `limit` bytes, without its newline.
@@ -778,13 +793,13 @@ async fn tunnel_out(
             });
         }
     };
-    tokio::select! {
+    let result = tokio::select! {
         result = accepting => result,
-        () = crate::shutdown_signal() => {
-            endpoint.close().await;
-            Ok(())
-        }
-    }
+        () = crate::shutdown_signal() => Ok(()),
+    };
+    // Either way: closing pays for the bytes since the last invoice.
+    endpoint.close().await;
+    result
 }
 
 async fn tunnel_in(

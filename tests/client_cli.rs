@@ -14,7 +14,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use common::{Registry, RunningRelay, key, operator, store_dir};
-use ferry_proto::SecretKey;
+use ferry_client::select::SelectionPolicy;
+use ferry_proto::{Amount, SecretKey};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -112,7 +113,7 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
     let inbox = dir.join("inbox");
     let mut receive_args = args(&as_receiver, &["receive", "--min-reputation", "0"]);
     receive_args.extend(["--out".into(), inbox.display().to_string()]);
-    let (mut receiving, line) = process::spawn(receive_args).await;
+    let (receiving, line) = process::spawn(receive_args).await;
     assert!(line.starts_with(&format!("receiving as {}", receiver.public())), "{line}");
     let receiver_key = receiver.public().to_string();
     let sent = ferry_json(
@@ -126,12 +127,7 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
     .await;
     assert_eq!(sent["bytes"], 3_000_000);
     assert_eq!(sent["blake3"], blake3::hash(&contents).to_string());
-    let exited = tokio::time::timeout(WAIT, tokio::task::spawn_blocking(move || receiving.wait()))
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(exited.success());
+    assert!(receiving.wait().await.success());
     assert!(std::fs::read(inbox.join("report.bin")).unwrap() == contents, "the file differs");
 
     // The sender's channel to the cheaper relay, and its money.
@@ -190,6 +186,103 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
     assert_eq!(closed["state"], "closed");
     let statement = ferry(&[&["statement"], &as_sender[..]].concat()).await;
     assert!(statement.contains("deposit") && statement.contains("refund"), "{statement}");
+    registry.assert_invariants().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The bytes `relay` carried, both ways, read from its metrics served on
+/// 127.0.0.1:0.
+async fn carried_bytes(registry: &Registry, relay: &RunningRelay) -> u64 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    let metrics = relay.relay.metrics();
+    tokio::spawn(ferry_relay::metrics::serve(listener, metrics, std::future::pending()));
+    let text = registry.http.get(&url).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|line| line.starts_with("ferry_relay_bytes_total{"))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferry_send_pays_for_exactly_the_bytes_the_relay_carried() {
+    let registry = Registry::start().await;
+    // The production window: up to 1 MiB would go unpaid without the tail.
+    let relay = RunningRelay::start(
+        &registry,
+        &key(12),
+        |config| config.credit_window_bytes = 1 << 20,
+        store_dir("cli-tail"),
+    )
+    .await;
+    let price = relay.relay.price();
+    let dir = std::env::temp_dir().join(format!("ferry-cli-tail-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("inbox")).unwrap();
+    let (sender, receiver) = (key(3), key(4));
+    let sender_file = key_file(&dir, "sender.key", &sender);
+    let receiver_file = key_file(&dir, "receiver.key", &receiver);
+    let base = registry.base.clone();
+    registry
+        .client(&operator())
+        .deposit(&sender.public(), "3".parse().unwrap(), "tail")
+        .await
+        .unwrap();
+    let any = SelectionPolicy { min_reputation: 0.0, ..SelectionPolicy::default() };
+    let listed = async {
+        while registry.client(&key(99)).offers(&any).await.unwrap().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, listed).await.expect("the relay is listed in time");
+
+    let file = dir.join("tail.bin");
+    let contents: Vec<u8> =
+        (0..(6u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(&file, &contents).unwrap();
+    let inbox = dir.join("inbox").display().to_string();
+    let receive = [
+        "receive",
+        "--min-reputation",
+        "0",
+        "--out",
+        &inbox,
+        "--registry",
+        &base,
+        "--key",
+        receiver_file.to_str().unwrap(),
+    ];
+    let (receiving, line) = process::spawn(receive.map(String::from).to_vec()).await;
+    assert!(line.starts_with("receiving as"), "{line}");
+    let sent = ferry_json(&[
+        "send",
+        file.to_str().unwrap(),
+        "--to",
+        &receiver.public().to_string(),
+        "--min-reputation",
+        "0",
+        "--registry",
+        &base,
+        "--key",
+        sender_file.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(sent["blake3"], blake3::hash(&contents).to_string());
+    assert!(receiving.wait().await.success());
+
+    // Every byte the relay carried is paid, and no more: once the relay
+    // settles as it stops, the ledger holds exactly their cost.
+    let carried = carried_bytes(&registry, &relay).await;
+    assert!(carried > 6 << 20, "the relay carried the file ({carried} bytes)");
+    let report = relay.shutdown().await;
+    assert!(!report.incomplete, "{report:?}");
+    let owed = ferry_proto::cost(carried, price).unwrap();
+    let channels = registry.client(&sender).channels().await.unwrap();
+    assert_eq!(channels.len(), 1, "{channels:?}");
+    println!("the relay carried {carried} bytes; settled {} for {owed}", channels[0].settled);
+    assert_eq!(channels[0].settled, owed, "settled for the {carried} bytes carried");
+    let paid: Amount = sent["paid"].as_str().unwrap().parse().unwrap();
+    assert_eq!(paid, owed, "ferry send reports what it paid");
     registry.assert_invariants().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -10,7 +10,6 @@ mod common;
 mod process;
 
 use std::path::Path;
-use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,7 +97,11 @@ fn payload(length: usize) -> Vec<u8> {
     bytes
 }
 
-async fn relay_process(registry: &Registry, dir: &Path, price: &str) -> (Child, RelayAddress) {
+async fn relay_process(
+    registry: &Registry,
+    dir: &Path,
+    price: &str,
+) -> (process::Process, RelayAddress) {
     std::fs::create_dir_all(dir).unwrap();
     let mut args = process::relay_args(&registry.base, dir, None);
     args.extend([
@@ -332,5 +335,86 @@ async fn a_published_direct_address_is_dialled_first_and_costs_nothing() {
 
     listener.close().await;
     relay.shutdown().await;
+    registry.assert_invariants().await;
+}
+
+/// Serves `relay`'s Prometheus metrics on 127.0.0.1:0; returns the URL.
+async fn serve_metrics(relay: &RunningRelay) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    tokio::spawn(ferry_relay::metrics::serve(
+        listener,
+        relay.relay.metrics(),
+        std::future::pending(),
+    ));
+    url
+}
+
+/// The bytes the relay says it carried, both ways, from its metrics.
+async fn carried_bytes(registry: &Registry, metrics_url: &str) -> u64 {
+    let text = registry.http.get(metrics_url).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|line| line.starts_with("ferry_relay_bytes_total{"))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_an_endpoint_pays_for_exactly_the_bytes_the_relay_carried() {
+    let registry = Registry::start().await;
+    let relay_key = key(14);
+    // The production window: up to 1 MiB would go unpaid without the tail.
+    let relay = RunningRelay::start(
+        &registry,
+        &relay_key,
+        |config| config.credit_window_bytes = 1 << 20,
+        store_dir("tail"),
+    )
+    .await;
+    let metrics = serve_metrics(&relay).await;
+    listed(&registry, &[relay_key.public()]).await;
+    let price = relay.relay.price();
+
+    let (sender_key, receiver_key) = (key(6), key(7));
+    let receiver = listener_endpoint(&registry, &receiver_key);
+    receiver.listen().await.unwrap();
+    let budget = Budget { open: amount("1"), top_up: amount("1"), low_water: amount("0.1") };
+    let sender = payer(&registry, &sender_key, "2", budget).await;
+
+    let data = payload(5 << 20);
+    let mut outgoing =
+        tokio::time::timeout(WAIT, sender.dial(receiver_key.public())).await.unwrap().unwrap();
+    let sent = data.clone();
+    let writing = tokio::spawn(async move {
+        outgoing.write_all(&sent).await.unwrap();
+        outgoing.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        outgoing.read_to_end(&mut answer).await.unwrap();
+        answer
+    });
+    let mut incoming = tokio::time::timeout(WAIT, receiver.accept()).await.unwrap().unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(WAIT, incoming.read_to_end(&mut received)).await.unwrap().unwrap();
+    assert!(received == data, "the bytes differ from those sent");
+    incoming.write_all(b"received").await.unwrap();
+    incoming.shutdown().await.unwrap();
+    assert_eq!(tokio::time::timeout(WAIT, writing).await.unwrap().unwrap(), b"received");
+
+    // Closing right away: no invoice comes for the last bytes.
+    tokio::time::timeout(WAIT, sender.close()).await.unwrap();
+    receiver.close().await;
+    let carried = carried_bytes(&registry, &metrics).await;
+    assert!(carried > 5 << 20, "the relay carried the stream ({carried} bytes)");
+    let report = relay.shutdown().await;
+    assert!(!report.incomplete, "{report:?}");
+
+    let money = sender.money().await.unwrap();
+    assert_eq!(money.len(), 1, "{money:?}");
+    let owed = ferry_proto::cost(carried, price).unwrap();
+    let channel = &money[0].channel;
+    println!("the relay carried {carried} bytes; settled {} for {owed}", channel.settled);
+    assert_eq!(channel.settled, owed, "settled for {carried} bytes carried");
+    assert_eq!(sender.paid().get(&channel.id), Some(&owed), "the endpoint's own record");
+    close_all(&sender).await;
     registry.assert_invariants().await;
 }

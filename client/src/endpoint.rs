@@ -22,7 +22,7 @@ use crate::registry::{RegistryClient, RegistryError};
 use crate::relay::{self, Event, Payer, RelayAddress, RelayError, Session};
 use crate::secure::{self, SecureError, Transport};
 use crate::select::{self, Offer, SelectionPolicy};
-use crate::stream::{self, ConnectionId, Link, Offered, Record, Redial, Stream};
+use crate::stream::{self, ConnectionId, Finishing, Link, Offered, Record, Redial, Stream};
 use crate::wallet::{Budget, ChannelMoney, Wallet};
 
 /// Connections one endpoint holds at once.
@@ -36,6 +36,9 @@ pub const MAX_PENDING_LINKS: usize = 32;
 pub const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a dial or a redial keeps trying the peer's routes.
 pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`Endpoint::close`] waits for streams whose both ends were
+/// sent to exchange their last acknowledgements.
+pub const CLOSE_FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The pause between two rounds over every route.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
@@ -143,6 +146,8 @@ struct Shared {
     connections: Mutex<HashMap<ConnectionId, Resumable>>,
     accepted: mpsc::Sender<Stream>,
     pending_links: Semaphore,
+    /// This endpoint's connections that are finishing.
+    finishing: Finishing,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -178,6 +183,7 @@ impl Endpoint {
             connections: Mutex::default(),
             accepted: accepted_tx,
             pending_links: Semaphore::new(MAX_PENDING_LINKS),
+            finishing: Finishing::default(),
         });
         Endpoint { shared, accepted: tokio::sync::Mutex::new(accepted) }
     }
@@ -194,7 +200,9 @@ impl Endpoint {
 
     /// Starts listening: picks the best relays under the policy, listens on
     /// them (and on the direct address, if configured), and publishes them
-    /// as this endpoint's home relays. Returns the published list.
+    /// as this endpoint's home relays. Returns the published list. A relay
+    /// is published only once it confirmed the listen, so a peer that
+    /// reads the list can dial at once.
     pub async fn listen(&self) -> Result<SignedHomeRelays, EndpointError> {
         let shared = &self.shared;
         let ranked = select::discover(&shared.registry, &shared.me, &shared.config.policy).await?;
@@ -290,13 +298,31 @@ impl Endpoint {
         lock(&self.shared.paid).clone()
     }
 
-    /// Ends every relay session (tunnels already open carry on until
-    /// their streams end).
+    /// Ends every relay session, all at once. Streams whose both ends
+    /// were sent first exchange their last acknowledgements (at most
+    /// [`CLOSE_FINISH_TIMEOUT`]). Each paying session then pays for every
+    /// byte its tunnels counted (see [`Session::close`]), and the relay
+    /// ends the tunnels it paid for. Streams through listening sessions'
+    /// relays carry on until they end.
     pub async fn close(&self) {
+        self.shared.finishing.wait(CLOSE_FINISH_TIMEOUT).await;
         let sessions: Vec<_> = self.shared.sessions.lock().await.drain().collect();
-        for (_, session) in sessions {
-            let _ = session.close().await;
+        let mut closing = tokio::task::JoinSet::new();
+        for (relay, session) in sessions {
+            let shared = Arc::clone(&self.shared);
+            closing.spawn(async move {
+                if let Err(error) = session.close().await {
+                    tracing::warn!(%relay, %error, "closing a relay session");
+                }
+                // What was paid includes the last voucher as soon as this
+                // returns, not once the top-up task sees it.
+                if let Some(channel) = session.channel() {
+                    lock(&shared.paid).insert(channel, *session.paid().borrow());
+                }
+            });
         }
+        // Each close is bounded by its own timeouts.
+        while closing.join_next().await.is_some() {}
     }
 }
 
@@ -401,8 +427,12 @@ impl Shared {
                     last = format!("{}: {error}", route.name());
                 }
                 Err(_) => {
+                    // Name the route that used up the time, not only the
+                    // one that failed before it.
+                    let earlier = if last.is_empty() { String::new() } else { format!("; {last}") };
                     return Err(unreachable(format!(
-                        "{last} (gave up after {FAILOVER_TIMEOUT:?})"
+                        "{}: no link yet when it gave up after {FAILOVER_TIMEOUT:?}{earlier}",
+                        route.name()
                     )));
                 }
             }
@@ -466,7 +496,8 @@ impl Shared {
                 }
             }
         };
-        Some(stream::start(id, peer, first, (links, queued), redial, forget))
+        let finishing = self.finishing.clone();
+        Some(stream::start(id, peer, first, (links, queued), redial, finishing, forget))
     }
 
     /// An incoming link, from a relay tunnel or a direct connection:

@@ -2,9 +2,10 @@
 //! protocol"): the handshake that proves both keys, a control session that
 //! listens, hears of tunnels and pays, and tunnels that dial or accept.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use ferry_proto::wire::{
 use ferry_proto::{Amount, ChannelId, PricePerByte, PublicKey, SecretKey, SignedVoucher, Voucher};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 
 /// How long connecting and the handshake may take.
@@ -28,6 +30,16 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const SESSION_EVENTS: usize = 256;
 /// Frames waiting to be written to the relay.
 const SESSION_OUTBOX: usize = 64;
+/// How long [`Session::listen`] waits for the relay to confirm that the
+/// policy applies.
+pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`Session::close`] waits for the relay's verdict on the last
+/// voucher before it closes anyway.
+pub const CLOSE_PAYMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Vouchers whose verdict has not come yet that a session remembers; the
+/// relay answers each in turn, so only a relay that stopped answering
+/// makes more, and the oldest are then forgotten.
+const VOUCHERS_AWAITING_VERDICT: usize = 64;
 
 /// Why talking to a relay failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +67,9 @@ pub enum RelayError {
     /// The relay did not answer in time.
     #[error("the relay did not answer in time")]
     Timeout,
+    /// The relay refused this session's last voucher.
+    #[error("the relay refused the last voucher: {0:?}")]
+    VoucherRefused(VoucherVerdict),
 }
 
 /// Where a relay is and which key it must prove.
@@ -244,6 +259,10 @@ pub struct Payer {
 #[derive(Debug, Default)]
 struct Tally(AtomicU64);
 
+/// The write half of a session's connection, shared by its writer task,
+/// its reader (which answers invoices without queueing) and [`Session`].
+type SessionWriter = Arc<tokio::sync::Mutex<OwnedWriteHalf>>;
+
 /// A control session with a relay.
 #[derive(Debug)]
 pub struct Session {
@@ -251,11 +270,16 @@ pub struct Session {
     pub terms: SessionTerms,
     relay: RelayAddress,
     me: SecretKey,
-    tally: Arc<Tally>,
+    billing: Arc<Billing>,
+    writer: SessionWriter,
     outbox: mpsc::Sender<Frame>,
     events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
-    paying: bool,
-    paid: watch::Receiver<Amount>,
+    /// Listen frames sent; held while one waits for its confirmation.
+    listens: tokio::sync::Mutex<u64>,
+    /// Listen frames the relay confirmed (they are applied in order).
+    listened: watch::Receiver<u64>,
+    /// The relay's verdicts on this session's vouchers.
+    verdicts: watch::Receiver<Verdicts>,
 }
 
 impl Session {
@@ -291,20 +315,30 @@ impl Session {
                 }
             }
         });
-        let tally = Arc::new(Tally::default());
-        let (paid_tx, paid) = watch::channel(terms.paid);
-        let paying = payer.is_some();
-        let billing = Billing { payer, terms, tally: Arc::clone(&tally), paid: paid_tx };
-        tokio::spawn(read_loop(reader, writer, outbox.clone(), events_tx, billing));
+        let billing = Arc::new(Billing::new(payer, terms));
+        let (listened_tx, listened) = watch::channel(0);
+        let opened = Verdicts { accepted: terms.sequence, refused: None };
+        let (verdicts_tx, verdicts) = watch::channel(opened);
+        let reading = Reading {
+            writer: Arc::clone(&writer),
+            outbox: outbox.clone(),
+            events: events_tx,
+            billing: Arc::clone(&billing),
+            listened: listened_tx,
+            verdicts: verdicts_tx,
+        };
+        tokio::spawn(read_loop(reader, reading));
         Ok(Session {
             terms,
             relay: relay.clone(),
             me: me.clone(),
-            tally,
+            billing,
+            writer,
             outbox,
             events: tokio::sync::Mutex::new(events),
-            paying,
-            paid,
+            listens: tokio::sync::Mutex::new(0),
+            listened,
+            verdicts,
         })
     }
 
@@ -315,13 +349,19 @@ impl Session {
 
     /// Whether this session pays its invoices itself.
     pub fn is_paying(&self) -> bool {
-        self.paying
+        self.billing.payer.is_some()
+    }
+
+    /// The channel this session pays through, if it pays.
+    pub fn channel(&self) -> Option<ChannelId> {
+        self.billing.payer.as_ref().map(|payer| payer.channel)
     }
 
     /// The cumulative amount of the newest voucher this session paid with
-    /// (the opening terms' until it pays).
+    /// (the opening terms' until it pays; back to the newest accepted one
+    /// when the relay refuses a voucher).
     pub fn paid(&self) -> watch::Receiver<Amount> {
-        self.paid.clone()
+        self.billing.paid.subscribe()
     }
 
     /// Opens a tunnel to `peer`, paid by this session: the stream counts
@@ -329,16 +369,30 @@ impl Session {
     /// more than that count.
     pub async fn dial(&self, peer: PublicKey) -> Result<Tunnel, RelayError> {
         let stream = dial(&self.relay, &self.me, peer).await?;
-        Ok(Tunnel { stream, tally: Arc::clone(&self.tally) })
+        Ok(Tunnel { stream, tally: Arc::clone(&self.billing.tally) })
     }
 
     async fn send(&self, frame: Frame) -> Result<(), RelayError> {
         self.outbox.send(frame).await.map_err(|_| RelayError::Protocol("the session ended".into()))
     }
 
-    /// Sets who may reach this client through the relay.
+    /// Sets who may reach this client through the relay, and returns once
+    /// the relay confirmed that the policy applies (within
+    /// [`LISTEN_TIMEOUT`]): a peer dialling after that is let through.
     pub async fn listen(&self, policy: ListenPolicy) -> Result<(), RelayError> {
-        self.send(Frame::Listen { policy }).await
+        // Held until confirmed: the relay confirms Listen frames in order,
+        // so the n-th confirmation is the n-th frame's.
+        let mut sent = self.listens.lock().await;
+        self.send(Frame::Listen { policy }).await?;
+        *sent += 1;
+        let target = *sent;
+        let mut listened = self.listened.clone();
+        match tokio::time::timeout(LISTEN_TIMEOUT, listened.wait_for(|done| *done >= target)).await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(RelayError::Protocol("the session ended before listening".into())),
+            Err(_) => Err(RelayError::Timeout),
+        }
     }
 
     /// Refuses an incoming tunnel.
@@ -351,9 +405,41 @@ impl Session {
         self.send(Frame::Voucher(voucher)).await
     }
 
-    /// Ends the session.
+    /// Ends the session. A paying session first pays for every byte its
+    /// tunnels counted and waits (at most [`CLOSE_PAYMENT_TIMEOUT`]) for
+    /// the relay's verdict: invoices only come while the session lasts, so
+    /// without this the bytes since the last one would go unpaid. It
+    /// closes even when that fails, and then returns why.
     pub async fn close(&self) -> Result<(), RelayError> {
-        self.send(Frame::Close { reason: CloseReason::Normal, message: String::new() }).await
+        let paid = self.pay_counted().await;
+        let closed =
+            self.send(Frame::Close { reason: CloseReason::Normal, message: String::new() }).await;
+        paid.and(closed)
+    }
+
+    /// Pays for everything counted and waits for the verdict on the newest
+    /// voucher (this one, or one still on its way).
+    async fn pay_counted(&self) -> Result<(), RelayError> {
+        if self.billing.payer.is_none() {
+            return Ok(());
+        }
+        let mut verdicts = self.verdicts.clone();
+        self.billing.pay(&self.writer, Claim::Counted).await?;
+        let sequence = self.billing.newest_sequence();
+        let heard = verdicts.wait_for(|verdicts| verdicts.on(sequence).is_some());
+        let verdict = match tokio::time::timeout(CLOSE_PAYMENT_TIMEOUT, heard).await {
+            Ok(Ok(verdicts)) => verdicts.on(sequence),
+            Ok(Err(_)) => {
+                return Err(RelayError::Protocol(
+                    "the session ended before the relay answered the last voucher".into(),
+                ));
+            }
+            Err(_) => return Err(RelayError::Timeout),
+        };
+        match verdict {
+            Some(VoucherVerdict::Accepted) | None => Ok(()),
+            Some(refused) => Err(RelayError::VoucherRefused(refused)),
+        }
     }
 
     /// The next event; none once the session ended and every event was
@@ -363,16 +449,68 @@ impl Session {
     }
 }
 
-/// What a session needs to check and pay invoices.
+/// What a session pays for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// An invoice: the relay's count and the cumulative amount due.
+    Invoice {
+        /// Bytes the relay says it carried in this session.
+        carried_bytes: u64,
+        /// The cumulative amount it asks for.
+        due: Amount,
+    },
+    /// Everything this client counted, unasked: the session is closing
+    /// and no invoice will come for the last bytes.
+    Counted,
+}
+
+/// The vouchers a paying session sent and what the relay did with them.
+#[derive(Debug)]
+struct Vouchers {
+    /// The newest voucher sent: nothing up to it is paid again.
+    sent: Amount,
+    /// The newest voucher's sequence; the next one is above it.
+    sequence: u64,
+    /// The newest voucher the relay accepted.
+    accepted: Amount,
+    /// Vouchers sent whose verdict has not come, oldest first.
+    awaiting: VecDeque<(u64, Amount)>,
+}
+
+/// The relay's verdicts on a session's vouchers, for [`Session::close`].
+#[derive(Debug, Clone, Copy)]
+struct Verdicts {
+    /// The highest sequence accepted (accepted results come in order).
+    accepted: u64,
+    /// The newest refusal.
+    refused: Option<(u64, VoucherVerdict)>,
+}
+
+impl Verdicts {
+    /// The verdict on the voucher with `sequence`, once known: accepted
+    /// when it or a later voucher was (a later one pays more).
+    fn on(&self, sequence: u64) -> Option<VoucherVerdict> {
+        if self.accepted >= sequence {
+            return Some(VoucherVerdict::Accepted);
+        }
+        self.refused.filter(|(refused, _)| *refused == sequence).map(|(_, verdict)| verdict)
+    }
+}
+
+/// What a session needs to check and pay invoices: the one place that
+/// decides the next voucher, shared by the session's reader (invoices)
+/// and [`Session::close`] (the bytes since the last invoice).
+#[derive(Debug)]
 struct Billing {
     payer: Option<Payer>,
     terms: SessionTerms,
     tally: Arc<Tally>,
+    vouchers: Mutex<Vouchers>,
     /// Where the newest paid amount is published.
     paid: watch::Sender<Amount>,
 }
 
-/// What to do with an invoice.
+/// What to do with a claim.
 #[derive(Debug, PartialEq, Eq)]
 enum Answer {
     /// Pay this cumulative amount.
@@ -389,34 +527,161 @@ enum Answer {
 }
 
 impl Billing {
-    /// Checks an invoice for `carried_bytes` due `due` against this
-    /// client's count, with `paid` the newest voucher's amount. The relay
-    /// carries at most `paid bytes + credit window`, and this client pays
-    /// for no more than it counted, so an honest claim never exceeds
-    /// `counted + credit window`. Within that, the client pays the due
-    /// amount but never more than its own count is worth.
-    fn answer(&self, carried_bytes: u64, due: Amount, paid: Amount) -> Answer {
+    fn new(payer: Option<Payer>, terms: SessionTerms) -> Billing {
+        let vouchers = Vouchers {
+            sent: terms.paid,
+            sequence: terms.sequence,
+            accepted: terms.paid,
+            awaiting: VecDeque::new(),
+        };
+        Billing {
+            payer,
+            terms,
+            tally: Arc::new(Tally::default()),
+            vouchers: Mutex::new(vouchers),
+            paid: watch::channel(terms.paid).0,
+        }
+    }
+
+    fn vouchers(&self) -> std::sync::MutexGuard<'_, Vouchers> {
+        // Every update is a few assignments with no panic between.
+        self.vouchers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Checks a claim against this client's count, with `paid` the newest
+    /// voucher's amount. The relay carries at most `paid bytes + credit
+    /// window`, and this client pays for no more than it counted, so an
+    /// honest invoice never claims more than `counted + credit window`.
+    /// Within that, the client pays the due amount but never more than its
+    /// own count is worth; unasked, it pays exactly its count's worth.
+    fn answer(&self, claim: Claim, paid: Amount) -> Answer {
         let counted = self.tally.0.load(Ordering::Relaxed);
         let terms = &self.terms;
-        if carried_bytes > counted.saturating_add(terms.credit_window_bytes) {
-            return Answer::Refuse { counted_bytes: counted };
-        }
-        let owed = ferry_proto::cost(counted.min(carried_bytes), terms.price_per_byte)
+        let (billable, due) = match claim {
+            Claim::Invoice { carried_bytes, .. }
+                if carried_bytes > counted.saturating_add(terms.credit_window_bytes) =>
+            {
+                return Answer::Refuse { counted_bytes: counted };
+            }
+            Claim::Invoice { carried_bytes, due } => (counted.min(carried_bytes), Some(due)),
+            Claim::Counted => (counted, None),
+        };
+        let owed = ferry_proto::cost(billable, terms.price_per_byte)
             .and_then(|cost| terms.paid.checked_add(cost));
         let Ok(owed) = owed else { return Answer::Refuse { counted_bytes: counted } };
-        let amount = due.min(owed);
+        let amount = due.map_or(owed, |due| due.min(owed));
         if amount > paid { Answer::Pay(amount) } else { Answer::Wait }
+    }
+
+    /// Answers `claim`: writes the next voucher if one is owed and returns
+    /// it. The writer is locked before deciding, so vouchers leave in the
+    /// order of their sequences. Without a payer nothing is paid.
+    async fn pay(
+        &self,
+        writer: &tokio::sync::Mutex<OwnedWriteHalf>,
+        claim: Claim,
+    ) -> Result<Option<Voucher>, Refused> {
+        let Some(payer) = &self.payer else { return Ok(None) };
+        let mut writer = writer.lock().await;
+        let (voucher, frame) = {
+            let mut vouchers = self.vouchers();
+            let amount = match self.answer(claim, vouchers.sent) {
+                Answer::Pay(amount) => amount,
+                Answer::Wait => return Ok(None),
+                Answer::Refuse { counted_bytes } => {
+                    return Err(Refused::Overcharged(counted_bytes));
+                }
+            };
+            let sequence = vouchers.sequence + 1;
+            vouchers.sequence = sequence;
+            vouchers.sent = amount;
+            if vouchers.awaiting.len() >= VOUCHERS_AWAITING_VERDICT {
+                vouchers.awaiting.pop_front();
+            }
+            vouchers.awaiting.push_back((sequence, amount));
+            let voucher = Voucher { channel: payer.channel, sequence, cumulative: amount };
+            (voucher, Frame::Voucher(voucher.sign(&payer.key)))
+        };
+        self.paid.send_replace(voucher.cumulative);
+        write_frame(&mut *writer, &frame).await.map_err(Refused::Io)?;
+        Ok(Some(voucher))
+    }
+
+    /// The newest voucher's sequence.
+    fn newest_sequence(&self) -> u64 {
+        self.vouchers().sequence
+    }
+
+    /// Takes the relay's verdict on voucher `sequence`. A refused voucher
+    /// pays nothing: the amount paid goes back to the newest accepted one,
+    /// so that the relay's next invoice (it repeats them every second while
+    /// unpaid) is answered again, by which time a top-up may have landed.
+    fn heard(&self, sequence: u64, verdict: VoucherVerdict) {
+        let published = {
+            let mut vouchers = self.vouchers();
+            while vouchers.awaiting.front().is_some_and(|(awaiting, _)| *awaiting < sequence) {
+                vouchers.awaiting.pop_front();
+            }
+            let amount = match vouchers.awaiting.front() {
+                Some(&(awaiting, amount)) if awaiting == sequence => {
+                    vouchers.awaiting.pop_front();
+                    Some(amount)
+                }
+                _ => None,
+            };
+            match (verdict, amount) {
+                (VoucherVerdict::Accepted, Some(amount)) => {
+                    vouchers.accepted = vouchers.accepted.max(amount);
+                    None
+                }
+                (VoucherVerdict::Accepted, None) => None,
+                (_, _) => {
+                    vouchers.sent = vouchers.accepted;
+                    Some(vouchers.accepted)
+                }
+            }
+        };
+        if let Some(paid) = published {
+            self.paid.send_replace(paid);
+        }
     }
 }
 
-async fn read_loop(
-    mut reader: tokio::net::tcp::OwnedReadHalf,
-    writer: Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+/// Why an invoice was not paid.
+#[derive(Debug)]
+enum Refused {
+    /// It claims more than an honest relay could have carried; the
+    /// count it was checked against.
+    Overcharged(u64),
+    /// Writing the voucher failed.
+    Io(std::io::Error),
+}
+
+impl From<Refused> for RelayError {
+    fn from(refused: Refused) -> RelayError {
+        match refused {
+            Refused::Overcharged(counted) => RelayError::Protocol(format!(
+                "the relay claims more than the {counted} bytes counted here"
+            )),
+            Refused::Io(error) => RelayError::Io(error),
+        }
+    }
+}
+
+/// What a session's reader needs besides the connection.
+struct Reading {
+    writer: SessionWriter,
     outbox: mpsc::Sender<Frame>,
     events: mpsc::Sender<Event>,
-    billing: Billing,
-) {
-    let (mut paid, mut sequence) = (billing.terms.paid, billing.terms.sequence);
+    billing: Arc<Billing>,
+    /// Counts the relay's Listening confirmations.
+    listened: watch::Sender<u64>,
+    /// The relay's verdicts on vouchers.
+    verdicts: watch::Sender<Verdicts>,
+}
+
+async fn read_loop(mut reader: OwnedReadHalf, reading: Reading) {
+    let Reading { writer, outbox, events, billing, listened, verdicts } = reading;
     loop {
         let event = match read_frame(&mut reader).await {
             Err(error) => {
@@ -427,12 +692,19 @@ async fn read_loop(
                 continue;
             }
             Ok(Frame::Pong(_)) => continue,
+            Ok(Frame::Listening) => {
+                listened.send_modify(|count| *count += 1);
+                continue;
+            }
             Ok(Frame::Incoming { tunnel, caller }) => Event::Incoming { tunnel, caller },
             Ok(Frame::Invoice { channel, carried_bytes, due }) => {
-                let payer = billing.payer.as_ref().filter(|payer| payer.channel == channel);
-                let mut answered = None;
-                match payer.map(|payer| (payer, billing.answer(carried_bytes, due, paid))) {
-                    Some((_, Answer::Refuse { counted_bytes })) => {
+                let ours = billing.payer.as_ref().is_some_and(|payer| payer.channel == channel);
+                let claim = Claim::Invoice { carried_bytes, due };
+                // Written at once rather than queued: the relay's tunnels
+                // may be waiting for it.
+                let answered = if ours { billing.pay(&writer, claim).await } else { Ok(None) };
+                match answered {
+                    Err(Refused::Overcharged(counted_bytes)) => {
                         tracing::warn!(carried_bytes, counted_bytes, "the relay overcharged");
                         let close = Frame::Close {
                             reason: CloseReason::Protocol,
@@ -453,22 +725,19 @@ async fn read_loop(
                             .await;
                         return;
                     }
-                    Some((payer, Answer::Pay(amount))) => {
-                        sequence += 1;
-                        paid = amount;
-                        let voucher = Voucher { channel, sequence, cumulative: amount };
-                        // Written here rather than queued: the relay's
-                        // tunnels may be waiting for it.
-                        let frame = Frame::Voucher(voucher.sign(&payer.key));
-                        let _ = write_frame(&mut *writer.lock().await, &frame).await;
-                        billing.paid.send_replace(amount);
-                        answered = Some(voucher);
-                    }
-                    Some((_, Answer::Wait)) | None => {}
+                    // The reader sees the connection's end next.
+                    Err(Refused::Io(_)) => Event::Invoice { carried_bytes, due, voucher: None },
+                    Ok(voucher) => Event::Invoice { carried_bytes, due, voucher },
                 }
-                Event::Invoice { carried_bytes, due, voucher: answered }
             }
             Ok(Frame::VoucherResult { sequence, verdict }) => {
+                billing.heard(sequence, verdict);
+                verdicts.send_modify(|verdicts| match verdict {
+                    VoucherVerdict::Accepted => {
+                        verdicts.accepted = verdicts.accepted.max(sequence);
+                    }
+                    refused => verdicts.refused = Some((sequence, refused)),
+                });
                 Event::VoucherResult { sequence, verdict }
             }
             Ok(Frame::TunnelClosed { tunnel, reason }) => Event::TunnelClosed { tunnel, reason },
@@ -542,19 +811,23 @@ mod tests {
     use super::*;
 
     fn billing(counted: u64) -> Billing {
-        let tally = Arc::new(Tally::default());
-        tally.0.store(counted, Ordering::Relaxed);
         let terms = SessionTerms {
             price_per_byte: PricePerByte::from_attos(10).unwrap(),
             credit_window_bytes: 1000,
             paid: Amount::from_attos(5_000).unwrap(),
             sequence: 3,
         };
-        Billing { payer: None, terms, tally, paid: watch::channel(Amount::ZERO).0 }
+        let billing = Billing::new(None, terms);
+        billing.tally.0.store(counted, Ordering::Relaxed);
+        billing
     }
 
     fn attos(value: u128) -> Amount {
         Amount::from_attos(value).unwrap()
+    }
+
+    fn invoice(carried_bytes: u64, due: u128) -> Claim {
+        Claim::Invoice { carried_bytes, due: attos(due) }
     }
 
     #[test]
@@ -562,22 +835,22 @@ mod tests {
         let base = 5_000;
         // Counted as much as billed: pay the due amount.
         assert_eq!(
-            billing(400).answer(400, attos(base + 4_000), attos(base)),
+            billing(400).answer(invoice(400, base + 4_000), attos(base)),
             Answer::Pay(attos(base + 4_000))
         );
         // Bytes still on their way here: pay for what was counted.
         assert_eq!(
-            billing(300).answer(400, attos(base + 4_000), attos(base)),
+            billing(300).answer(invoice(400, base + 4_000), attos(base)),
             Answer::Pay(attos(base + 3_000))
         );
         // Already paid for everything counted: wait for the count to grow.
         assert_eq!(
-            billing(300).answer(400, attos(base + 4_000), attos(base + 3_000)),
+            billing(300).answer(invoice(400, base + 4_000), attos(base + 3_000)),
             Answer::Wait
         );
         // A due below the count's worth is paid as billed.
         assert_eq!(
-            billing(900).answer(400, attos(base + 4_000), attos(base)),
+            billing(900).answer(invoice(400, base + 4_000), attos(base)),
             Answer::Pay(attos(base + 4_000))
         );
     }
@@ -586,16 +859,60 @@ mod tests {
     fn a_claim_beyond_the_count_and_the_credit_window_is_refused() {
         let base = 5_000;
         assert_eq!(
-            billing(300).answer(1_300, attos(base + 13_000), attos(base)),
+            billing(300).answer(invoice(1_300, base + 13_000), attos(base)),
             Answer::Pay(attos(base + 3_000))
         );
         assert_eq!(
-            billing(300).answer(1_301, attos(base + 13_010), attos(base)),
+            billing(300).answer(invoice(1_301, base + 13_010), attos(base)),
             Answer::Refuse { counted_bytes: 300 }
         );
         assert_eq!(
-            billing(0).answer(u64::MAX, Amount::ZERO, attos(base)),
+            billing(0)
+                .answer(Claim::Invoice { carried_bytes: u64::MAX, due: Amount::ZERO }, attos(base)),
             Answer::Refuse { counted_bytes: 0 }
         );
+    }
+
+    #[test]
+    fn closing_pays_exactly_the_count_and_nothing_twice() {
+        let base = 5_000;
+        // The bytes since the last invoice: exactly their worth, no due
+        // needed.
+        assert_eq!(
+            billing(700).answer(Claim::Counted, attos(base + 4_000)),
+            Answer::Pay(attos(base + 7_000))
+        );
+        assert_eq!(billing(700).answer(Claim::Counted, attos(base + 7_000)), Answer::Wait);
+        assert_eq!(billing(0).answer(Claim::Counted, attos(base)), Answer::Wait);
+    }
+
+    #[test]
+    fn a_refused_voucher_pays_nothing_so_the_next_invoice_is_answered_again() {
+        let billing = billing(400);
+        let mut vouchers = billing.vouchers();
+        vouchers.sequence = 5;
+        vouchers.sent = attos(8_000);
+        vouchers.awaiting.extend([(4, attos(7_000)), (5, attos(8_000))]);
+        drop(vouchers);
+        billing.heard(4, VoucherVerdict::Accepted);
+        assert_eq!(billing.vouchers().accepted, attos(7_000));
+        // Over the escrow (a top-up still on its way): not paid.
+        billing.heard(5, VoucherVerdict::OverEscrow);
+        assert_eq!(billing.vouchers().sent, attos(7_000));
+        assert_eq!(*billing.paid.borrow(), attos(7_000));
+        assert!(billing.vouchers().awaiting.is_empty());
+        // So the relay's reminder is paid again, with a higher sequence.
+        assert_eq!(
+            billing.answer(invoice(400, 9_000), billing.vouchers().sent),
+            Answer::Pay(attos(9_000))
+        );
+    }
+
+    #[test]
+    fn the_newest_verdict_settles_a_close() {
+        let verdicts = Verdicts { accepted: 4, refused: Some((6, VoucherVerdict::OverEscrow)) };
+        assert_eq!(verdicts.on(3), Some(VoucherVerdict::Accepted));
+        assert_eq!(verdicts.on(5), None, "still waiting");
+        assert_eq!(verdicts.on(6), Some(VoucherVerdict::OverEscrow));
     }
 }

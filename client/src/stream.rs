@@ -59,6 +59,41 @@ pub(crate) const LINKS_QUEUED: usize = 4;
 /// A connection's id, chosen by the dialling side.
 pub type ConnectionId = [u8; CONNECTION_ID_BYTES];
 
+/// Counts a group's connections that are finishing: both sides sent
+/// their end, and only acknowledgements (and the link's own end) remain.
+/// An endpoint waits for them before it closes its relay sessions, which
+/// would cut those last bytes off, and leave them unpaid.
+#[derive(Debug, Clone)]
+pub(crate) struct Finishing(Arc<watch::Sender<usize>>);
+
+impl Default for Finishing {
+    fn default() -> Finishing {
+        Finishing(Arc::new(watch::Sender::new(0)))
+    }
+}
+
+impl Finishing {
+    fn enter(&self) -> Finishing {
+        self.0.send_modify(|count| *count += 1);
+        Finishing(Arc::clone(&self.0))
+    }
+
+    /// Waits, at most `limit`, until no connection is finishing.
+    pub(crate) async fn wait(&self, limit: Duration) {
+        let mut count = self.0.subscribe();
+        let _ = tokio::time::timeout(limit, count.wait_for(|count| *count == 0)).await;
+    }
+}
+
+/// One connection's place in the count, given up when dropped.
+struct FinishingGuard(Finishing);
+
+impl Drop for FinishingGuard {
+    fn drop(&mut self) {
+        self.0.0.send_modify(|count| *count = count.saturating_sub(1));
+    }
+}
+
 /// One plaintext record of a peer stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -267,14 +302,15 @@ struct Active {
 impl Active {
     /// Ends a link at the end of the stream: its writer sends what is
     /// queued and the last acknowledgement, then closes the link, within
-    /// [`LINK_SILENCE_TIMEOUT`].
-    fn finish(mut self) {
-        if let Some(mut writing) = self.writing.take() {
-            tokio::spawn(async move {
-                if tokio::time::timeout(LINK_SILENCE_TIMEOUT, &mut writing).await.is_err() {
-                    writing.abort();
-                }
-            });
+    /// [`LINK_SILENCE_TIMEOUT`]; the returned future completes then.
+    fn finish(mut self) -> impl Future<Output = ()> + Send + 'static {
+        let writing = self.writing.take();
+        async move {
+            if let Some(mut writing) = writing
+                && tokio::time::timeout(LINK_SILENCE_TIMEOUT, &mut writing).await.is_err()
+            {
+                writing.abort();
+            }
         }
     }
 }
@@ -352,6 +388,9 @@ struct Connection {
     acknowledged_received: u64,
     /// When the connection last had a link the peer answered on.
     unlinked_since: Option<Instant>,
+    finishing: Finishing,
+    /// Held while this connection is finishing.
+    finishing_now: Option<FinishingGuard>,
 }
 
 /// The queues that hand a connection new links.
@@ -368,6 +407,7 @@ pub(crate) fn start(
     first: Offered,
     (links_tx, links): (mpsc::Sender<Offered>, mpsc::Receiver<Offered>),
     redial: Option<Redial>,
+    finishing: Finishing,
     on_end: impl FnOnce() + Send + 'static,
 ) -> Stream {
     let (app, task_side) = tokio::io::duplex(APP_BUFFER_BYTES);
@@ -392,6 +432,8 @@ pub(crate) fn start(
         delivered_end: false,
         acknowledged_received: 0,
         unlinked_since: Some(Instant::now()),
+        finishing,
+        finishing_now: None,
     };
     tokio::spawn(async move {
         connection.run(first).await;
@@ -412,6 +454,8 @@ enum Fatal {
 impl Connection {
     async fn run(mut self, first: Offered) {
         let result = self.serve(first).await;
+        // Done (its link drained) or failed: no longer finishing.
+        self.finishing_now = None;
         match result {
             Ok(()) => {
                 tracing::debug!(peer = %self.peer, "peer stream ended");
@@ -440,7 +484,7 @@ impl Connection {
             }
             // The answer to the peer's hello is all it needs.
             if let Some(link) = self.link.take() {
-                link.finish();
+                tokio::spawn(link.finish());
             }
         }
     }
@@ -455,6 +499,9 @@ impl Connection {
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.done() {
+            if self.app_ended && self.peer_ended && self.finishing_now.is_none() {
+                self.finishing_now = Some(FinishingGuard(self.finishing.enter()));
+            }
             let room = self.sent - self.acked.min(self.sent) < SEND_BUFFER_BYTES;
             let inbox_room = self.inbox.bytes < RECEIVE_BUFFER_BYTES;
             let relink_deadline =
@@ -488,8 +535,10 @@ impl Connection {
                 }
             }
         }
+        // Awaited, so that the connection counts as finishing until the
+        // link's last bytes (the final acknowledgement) are out.
         if let Some(link) = self.link.take() {
-            link.finish();
+            link.finish().await;
         }
         Ok(())
     }
@@ -765,9 +814,14 @@ async fn write_records(
         }
     }
     // The connection ended or moved on: send the last acknowledgement.
-    if acks.has_changed().unwrap_or(false) {
-        let last = Record::Ack { received: *acks.borrow_and_update() };
-        write_record(&mut writer, last).await;
+    // (`Receiver::has_changed` says nothing once the sender is gone, as
+    // it is at the end; the borrowed value still knows.)
+    let last = {
+        let last = acks.borrow_and_update();
+        last.has_changed().then_some(*last)
+    };
+    if let Some(received) = last {
+        write_record(&mut writer, Record::Ack { received }).await;
     }
     let _ = writer.shutdown().await;
 }
@@ -906,15 +960,30 @@ mod tests {
         };
         let (near, mut far, first_relay) = link_pair(&dialer, &acceptor).await;
         let first = (near, None, None);
-        let mut dialing =
-            start([7; 16], acceptor.public(), first, link_queue(), Some(redial), || {});
+        let mut dialing = start(
+            [7; 16],
+            acceptor.public(),
+            first,
+            link_queue(),
+            Some(redial),
+            Finishing::default(),
+            || {},
+        );
         let Ok(Record::Hello { connection, received }) = far.receive().await else {
             panic!("expected a hello")
         };
         let (links, queued) = link_queue();
         relink.set(links.clone()).unwrap();
         let first = (far, Some(connection), Some(received));
-        let mut accepting = start(connection, dialer.public(), first, (links, queued), None, || {});
+        let mut accepting = start(
+            connection,
+            dialer.public(),
+            first,
+            (links, queued),
+            None,
+            Finishing::default(),
+            || {},
+        );
 
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = payload.clone();
@@ -942,13 +1011,28 @@ mod tests {
     async fn stream_pair() -> (Stream, Stream, tokio::task::JoinHandle<()>) {
         let (dialer, acceptor) = (SecretKey::from_seed(&[1; 32]), SecretKey::from_seed(&[2; 32]));
         let (near, mut far, relay) = link_pair(&dialer, &acceptor).await;
-        let dialing =
-            start([7; 16], acceptor.public(), (near, None, None), link_queue(), None, || {});
+        let dialing = start(
+            [7; 16],
+            acceptor.public(),
+            (near, None, None),
+            link_queue(),
+            None,
+            Finishing::default(),
+            || {},
+        );
         let Ok(Record::Hello { connection, received }) = far.receive().await else {
             panic!("expected a hello")
         };
         let first = (far, Some(connection), Some(received));
-        let accepting = start(connection, dialer.public(), first, link_queue(), None, || {});
+        let accepting = start(
+            connection,
+            dialer.public(),
+            first,
+            link_queue(),
+            None,
+            Finishing::default(),
+            || {},
+        );
         (dialing, accepting, relay)
     }
 
@@ -1002,8 +1086,15 @@ mod tests {
         tokio::time::pause();
         let (dialer, acceptor) = (SecretKey::from_seed(&[1; 32]), SecretKey::from_seed(&[2; 32]));
         let (near, far, relay) = link_pair(&dialer, &acceptor).await;
-        let mut dialing =
-            start([7; 16], acceptor.public(), (near, None, None), link_queue(), None, || {});
+        let mut dialing = start(
+            [7; 16],
+            acceptor.public(),
+            (near, None, None),
+            link_queue(),
+            None,
+            Finishing::default(),
+            || {},
+        );
         drop(far);
         relay.abort();
         let mut buffer = [0u8; 16];

@@ -201,6 +201,10 @@ pub enum Frame {
         /// The policy.
         policy: ListenPolicy,
     },
+    /// Relay → client: the session's oldest unconfirmed `Listen` applies
+    /// now; a dial from then on is judged by it. No payload: the relay
+    /// confirms every Listen, in order.
+    Listening,
     /// Client → relay, first frame after the handshake on a new connection:
     /// make this connection a tunnel to `peer`.
     Dial {
@@ -304,6 +308,7 @@ mod kind {
     pub const OPEN_SESSION: u8 = 0x10;
     pub const SESSION_READY: u8 = 0x11;
     pub const LISTEN: u8 = 0x12;
+    pub const LISTENING: u8 = 0x13;
     pub const DIAL: u8 = 0x20;
     pub const ACCEPT: u8 = 0x21;
     pub const CONNECTED: u8 = 0x22;
@@ -329,6 +334,7 @@ impl Frame {
             Frame::OpenSession { .. } => "OpenSession",
             Frame::SessionReady { .. } => "SessionReady",
             Frame::Listen { .. } => "Listen",
+            Frame::Listening => "Listening",
             Frame::Dial { .. } => "Dial",
             Frame::Incoming { .. } => "Incoming",
             Frame::Accept { .. } => "Accept",
@@ -400,6 +406,7 @@ impl Frame {
                     }
                 }
             }
+            Frame::Listening => out.push(kind::LISTENING),
             Frame::Dial { peer } => {
                 out.push(kind::DIAL);
                 out.extend_from_slice(peer.as_bytes());
@@ -535,6 +542,10 @@ impl Frame {
                     _ => return Err(reader.malformed()),
                 };
                 Frame::Listen { policy }
+            }
+            kind::LISTENING => {
+                reader.name = "Listening";
+                Frame::Listening
             }
             kind::DIAL => {
                 reader.name = "Dial";
@@ -765,6 +776,7 @@ mod tests {
             }),
             Just(Frame::Listen { policy: ListenPolicy::Open }),
             Just(Frame::Listen { policy: ListenPolicy::Closed }),
+            Just(Frame::Listening),
             seed.clone().prop_map(|s| Frame::Dial { peer: key(s) }),
             (any::<u64>(), seed.clone())
                 .prop_map(|(t, s)| Frame::Incoming { tunnel: t, caller: key(s) }),

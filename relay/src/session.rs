@@ -281,7 +281,8 @@ async fn read_loop(
         let answer = match frame {
             Frame::Listen { policy } => {
                 *lock(&session.listen) = policy;
-                None
+                // Applied: the client may now tell its peers to dial.
+                Some(Frame::Listening)
             }
             Frame::Reject { tunnel } => {
                 crate::tunnel::reject(shared, &session.key, tunnel);

@@ -1,10 +1,12 @@
 //! `ferry` run as a process by the end-to-end tests: started with its
-//! first output line read, and stopped by a signal.
+//! first output line read, and stopped by a signal. A test that fails
+//! leaves no process behind: each is killed when its handle is dropped,
+//! as it is when the test panics.
 #![allow(dead_code)]
 
 use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use ferry_client::relay::RelayAddress;
@@ -12,15 +14,62 @@ use ferry_client::relay::RelayAddress;
 /// Every wait here is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// A running `ferry` process, killed (SIGKILL) and reaped when dropped
+/// unless it was waited for.
+#[derive(Debug)]
+pub struct Process {
+    child: Option<Child>,
+}
+
+impl Process {
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits (at most [`WAIT`]) for the process to exit by itself.
+    pub async fn wait(mut self) -> ExitStatus {
+        let id = self.id();
+        let mut child = self.child.take().expect("a process is waited for once");
+        let waited = tokio::time::timeout(
+            WAIT,
+            tokio::task::spawn_blocking(move || {
+                let status = child.wait();
+                (child, status)
+            }),
+        )
+        .await;
+        match waited {
+            Ok(joined) => joined.unwrap().1.unwrap(),
+            Err(_) => {
+                // The child is with the waiting thread: kill it by its id.
+                let _ = Command::new("kill").args(["-KILL", &id.to_string()]).status();
+                panic!("ferry {id} did not exit in time");
+            }
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Starts `ferry` with `args` and returns it with its first output line.
-pub async fn spawn(args: Vec<String>) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+pub async fn spawn(args: Vec<String>) -> (Process, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    // Owned before anything can fail, so a failure below kills it.
+    let mut process = Process { child: Some(child) };
+    let stdout = process.child.as_mut().and_then(|child| child.stdout.take()).unwrap();
     // Bounded by the child, which prints the line or exits.
     let line = tokio::time::timeout(
         WAIT,
@@ -42,16 +91,15 @@ pub async fn spawn(args: Vec<String>) -> (Child, String) {
     .expect("ferry starts in time")
     .unwrap();
     assert!(!line.is_empty(), "ferry {args:?} exited before printing its address");
-    (child, line)
+    (process, line)
 }
 
-pub async fn signal_and_wait(mut child: Child, signal: &str) -> std::process::ExitStatus {
-    let sent = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+/// Sends `signal` (as `kill` names it: `-TERM`, `-KILL`) and waits for
+/// the process to exit.
+pub async fn signal_and_wait(process: Process, signal: &str) -> ExitStatus {
+    let sent = Command::new("kill").args([signal, &process.id().to_string()]).status().unwrap();
     assert!(sent.success());
-    tokio::time::timeout(WAIT, tokio::task::spawn_blocking(move || child.wait().unwrap()))
-        .await
-        .expect("ferry stops in time")
-        .unwrap()
+    process.wait().await
 }
 
 pub fn relay_args(registry: &str, dir: &Path, config: Option<&Path>) -> Vec<String> {
