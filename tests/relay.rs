@@ -19,7 +19,7 @@ async fn settled(registry: &RegistryClient, channel: &ChannelId) -> String {
 
 /// A `ferry registry` process on a fresh database, with its operator key in
 /// `dir`; returns it, its URL and the operator key.
-async fn start_registry(dir: &std::path::Path) -> (std::process::Child, String, SecretKey) {
+async fn start_registry(dir: &std::path::Path) -> (process::Process, String, SecretKey) {
     let options = ferry_ledger::testing::fresh_database().await.unwrap();
     let url = options.to_url_lossy().to_string();
     let operator_path = dir.join("operator.key");
