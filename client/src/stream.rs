@@ -290,7 +290,8 @@ struct Active {
     /// The newest count to acknowledge; the writer sends the latest only.
     acks: watch::Sender<u64>,
     records: mpsc::Receiver<Result<Record, LinkError>>,
-    reading: tokio::task::JoinHandle<()>,
+    /// None once [`Active::finish`] took it.
+    reading: Option<tokio::task::JoinHandle<()>>,
     /// None once [`Active::finish`] let it drain.
     writing: Option<tokio::task::JoinHandle<()>>,
     route: String,
@@ -301,15 +302,27 @@ struct Active {
 
 impl Active {
     /// Ends a link at the end of the stream: its writer sends what is
-    /// queued and the last acknowledgement, then closes the link, within
-    /// [`LINK_SILENCE_TIMEOUT`]; the returned future completes then.
+    /// queued and the last acknowledgement, then closes the link, and its
+    /// reader reads on to the peer's end, within [`LINK_SILENCE_TIMEOUT`];
+    /// the returned future completes then. Reading to the end means every
+    /// byte a relay carried here was read, and so counted for paying it.
     fn finish(mut self) -> impl Future<Output = ()> + Send + 'static {
         let writing = self.writing.take();
+        let reading = self.reading.take();
+        let mut records = std::mem::replace(&mut self.records, mpsc::channel(1).1);
         async move {
+            let deadline = Instant::now() + LINK_SILENCE_TIMEOUT;
             if let Some(mut writing) = writing
-                && tokio::time::timeout(LINK_SILENCE_TIMEOUT, &mut writing).await.is_err()
+                && tokio::time::timeout_at(deadline, &mut writing).await.is_err()
             {
                 writing.abort();
+            }
+            // Only acknowledgements come after both ends; they change
+            // nothing now. The reader stops at the peer's end.
+            let to_the_end = async { while let Some(Ok(_)) = records.recv().await {} };
+            let _ = tokio::time::timeout_at(deadline, to_the_end).await;
+            if let Some(reading) = reading {
+                reading.abort();
             }
         }
     }
@@ -319,7 +332,9 @@ impl Drop for Active {
     fn drop(&mut self) {
         // A lost or replaced link: its writer may be stuck on a dead
         // connection, so it goes too.
-        self.reading.abort();
+        if let Some(reading) = &self.reading {
+            reading.abort();
+        }
         if let Some(writing) = &self.writing {
             writing.abort();
         }
@@ -499,9 +514,6 @@ impl Connection {
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.done() {
-            if self.app_ended && self.peer_ended && self.finishing_now.is_none() {
-                self.finishing_now = Some(FinishingGuard(self.finishing.enter()));
-            }
             let room = self.sent - self.acked.min(self.sent) < SEND_BUFFER_BYTES;
             let inbox_room = self.inbox.bytes < RECEIVE_BUFFER_BYTES;
             let relink_deadline =
@@ -543,6 +555,15 @@ impl Connection {
         Ok(())
     }
 
+    /// Counts the connection as finishing once both ends were sent, before
+    /// the application can learn of the peer's end (and close its
+    /// endpoint, which waits for finishing connections).
+    fn note_finishing(&mut self) {
+        if self.app_ended && self.peer_ended && self.finishing_now.is_none() {
+            self.finishing_now = Some(FinishingGuard(self.finishing.enter()));
+        }
+    }
+
     /// Queues a record on the link; a link whose writer ended is lost.
     fn send(&mut self, record: Record) {
         let Some(link) = self.link.as_ref() else { return };
@@ -555,6 +576,7 @@ impl Connection {
         let ready = self.link.as_ref().is_some_and(|link| link.ready);
         if bytes.is_empty() {
             self.app_ended = true;
+            self.note_finishing();
             if ready {
                 self.send(Record::Fin);
             }
@@ -614,6 +636,7 @@ impl Connection {
                 if !self.peer_ended {
                     self.peer_ended = true;
                     self.received += 1;
+                    self.note_finishing();
                     if self.inbox.bytes == 0 {
                         self.end_delivery().await;
                     }
@@ -700,7 +723,7 @@ impl Connection {
             outbox,
             acks,
             records,
-            reading,
+            reading: Some(reading),
             writing: Some(writing),
             route,
             ready: false,
