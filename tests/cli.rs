@@ -126,7 +126,7 @@ async fn ledger_check_passes_on_a_healthy_ledger_and_fails_on_a_tampered_one() {
     let ledger = Ledger::connect(options, LedgerConfig::default()).await.unwrap();
     let alice = SecretKey::from_seed(&[1; 32]).public();
     let key: IdempotencyKey = "deposit".parse().unwrap();
-    ledger.deposit(&key, &alice, "5".parse().unwrap()).await.unwrap();
+    ledger.deposit(&key, &alice, &alice, "5".parse().unwrap()).await.unwrap();
 
     let url_for_check = url.clone();
     let healthy = tokio::task::spawn_blocking(move || {

@@ -143,7 +143,12 @@ pub async fn deposit(
     let key = path_key(&key)?;
     signed.require(&state.config.operator)?;
     let body: AmountBody = signed.json()?;
-    Ok(Json(state.ledger.deposit(&signed.idempotency_key()?, &key, body.amount).await?))
+    Ok(Json(
+        state
+            .ledger
+            .deposit(&signed.idempotency_key()?, &state.config.operator, &key, body.amount)
+            .await?,
+    ))
 }
 
 /// `POST /v1/accounts/{key}/withdrawals`: money out, signed by the owner.

@@ -227,13 +227,16 @@ pub async fn settle(
 ) -> Result<Json<SettleAnswer>, ApiError> {
     let body: SettleBody = signed.json()?;
     let key = signed.idempotency_key()?;
-    let outcomes = state.ledger.settle(&key, &signed.key, &body.vouchers).await?;
-    for outcome in &outcomes {
+    let settlement = state.ledger.settle(&key, &signed.key, &body.vouchers).await?;
+    for outcome in &settlement.outcomes {
+        // A retried batch moved nothing: its vouchers count once, as
+        // replayed, so `settled` equals the ledger's settlements.
         state.metrics.voucher(match outcome {
+            _ if settlement.replayed => "replayed",
             SettlementOutcome::Settled { .. } => "settled",
             SettlementOutcome::AlreadySettled { .. } => "already_settled",
             SettlementOutcome::Rejected { .. } => "rejected",
         });
     }
-    Ok(Json(SettleAnswer { outcomes }))
+    Ok(Json(SettleAnswer { outcomes: settlement.outcomes }))
 }

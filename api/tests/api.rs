@@ -271,6 +271,97 @@ async fn a_channel_lives_through_the_api() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_who_uses_the_gateways_idempotency_key_first_does_not_block_its_deposit() {
+    let registry = Registry::start().await;
+    let (holder, other) = (key(1), key(2));
+    let (status, receipt) = deposit(&registry, &holder, "10", "gateway-1").await;
+    assert_eq!(status, StatusCode::OK, "{receipt}");
+    // The holder guesses the key the gateway will use for its next deposit
+    // and spends it on a withdrawal of its own.
+    let (status, withdrawn) = Call::new(
+        "POST",
+        &format!("/v1/accounts/{}/withdrawals", holder.public()),
+        Some(json!({ "amount": "1" })),
+    )
+    .idempotent("gateway-2")
+    .send(&registry.base, &holder)
+    .await;
+    assert_eq!(status, StatusCode::OK, "{withdrawn}");
+    // The key lives in the signer's namespace: the gateway's deposit goes in.
+    let (status, receipt) = deposit(&registry, &holder, "5", "gateway-2").await;
+    assert_eq!((status, &receipt["balance"]), (StatusCode::OK, &json!("14")), "{receipt}");
+    // A retry replays the first answer and moves nothing; the same key for
+    // another holder is another request of the same signer: a conflict.
+    assert_eq!(deposit(&registry, &holder, "5", "gateway-2").await, (StatusCode::OK, receipt));
+    let (status, refused) = deposit(&registry, &other, "5", "gateway-2").await;
+    assert_eq!((status, &refused["code"]), (StatusCode::CONFLICT, &json!("idempotency_conflict")));
+    assert_eq!(available(&registry, &holder).await, "14");
+    assert_eq!(available(&registry, &other).await, "0");
+    registry.assert_invariants().await;
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_settlement_is_counted_once_by_the_metrics() {
+    let registry = Registry::start().await;
+    let (client, relay) = (key(1), key(2));
+    assert_eq!(deposit(&registry, &client, "10", "d1").await.0, StatusCode::OK);
+    let (status, channel) = Call::new(
+        "POST",
+        "/v1/channels",
+        Some(json!({ "relay": relay.public().to_string(), "nonce": 1, "amount": "10" })),
+    )
+    .idempotent("open")
+    .send(&registry.base, &client)
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{channel}");
+    let id: ChannelId = channel["id"].as_str().unwrap().parse().unwrap();
+    let settlement = |sequence: u64, cumulative: &str, idem: &str| {
+        let voucher = Voucher { channel: id, sequence, cumulative: cumulative.parse().unwrap() }
+            .sign(&client);
+        Call::new("POST", "/v1/settlements", Some(json!({ "vouchers": [voucher] })))
+            .idempotent(idem)
+    };
+    // Two real settlements, each retried (as a relay does after a lost
+    // answer), and a voucher settled before under a new key.
+    for (sequence, cumulative, idem) in [(1, "1", "s1"), (2, "3", "s2")] {
+        for _ in 0..3 {
+            let (status, answer) =
+                settlement(sequence, cumulative, idem).send(&registry.base, &relay).await;
+            assert_eq!(
+                (status, &answer["outcomes"][0]["outcome"]),
+                (StatusCode::OK, &json!("settled"))
+            );
+        }
+    }
+    let (status, answer) = settlement(2, "3", "s3").send(&registry.base, &relay).await;
+    assert_eq!(
+        (status, &answer["outcomes"][0]["outcome"]),
+        (StatusCode::OK, &json!("already_settled"))
+    );
+    let text =
+        reqwest::get(format!("{}/metrics", registry.base)).await.unwrap().text().await.unwrap();
+    let count = |outcome: &str| {
+        let series = format!("ferry_settlement_vouchers_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .map_or(0, |value| value.trim().parse::<u64>().unwrap())
+    };
+    // The ledger settled two vouchers; the metric says two.
+    let settled_rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM transfers WHERE kind = 'settlement' AND channel_id = $1",
+    )
+    .bind(id.as_bytes().as_slice())
+    .fetch_one(registry.ledger.pool())
+    .await
+    .unwrap();
+    assert_eq!(count("settled"), settled_rows as u64, "{text}");
+    assert_eq!((count("settled"), count("replayed"), count("already_settled")), (2, 4, 1));
+    registry.assert_invariants().await;
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_close_is_finalized_by_anyone_after_the_window() {
     let registry = Registry::start().await;
     let (client, relay, stranger) = (key(1), key(2), key(3));

@@ -305,7 +305,7 @@ async fn paid_volume_from_distinct_clients_raises_reputation() {
             &format!("/v1/accounts/{}/deposits", client.public()),
             Some(json!({ "amount": "5" })),
         )
-        .idempotent("d")
+        .idempotent(&format!("d{c}"))
         .send(&registry.base, &operator())
         .await;
         let (_, channel) = Call::new(

@@ -142,16 +142,20 @@ impl Ledger {
     }
 
     /// Moves `amount` from the outside world into `holder`'s account. In a
-    /// deployment the registry operator signs this when a payment arrives.
+    /// deployment the registry operator (`signer`) signs this when a payment
+    /// arrives. The idempotency key is the signer's, not the holder's, so a
+    /// holder cannot use up the key a deposit gateway will use.
     pub async fn deposit(
         &self,
         key: &IdempotencyKey,
+        signer: &PublicKey,
         holder: &PublicKey,
         amount: Amount,
     ) -> Result<TransferReceipt, LedgerError> {
         require_positive(amount)?;
         let holder_account = self.ensure_holder(holder).await?;
-        self.transfer_with_world(TransferKind::Deposit, key, holder, holder_account, amount).await
+        let scope = Scope { signer, holder, holder_account };
+        self.transfer_with_world(TransferKind::Deposit, key, scope, amount).await
     }
 
     /// Moves `amount` from `holder`'s account to the outside world.
@@ -168,22 +172,21 @@ impl Ledger {
                 needed: amount,
             });
         };
-        self.transfer_with_world(TransferKind::Withdrawal, key, holder, holder_account, amount)
-            .await
+        let scope = Scope { signer: holder, holder, holder_account };
+        self.transfer_with_world(TransferKind::Withdrawal, key, scope, amount).await
     }
 
-    /// A deposit or a withdrawal: one transfer between `holder`'s account and
-    /// the outside world, in the direction `kind` says.
+    /// A deposit or a withdrawal: one transfer between the holder's account
+    /// and the outside world, in the direction `kind` says.
     async fn transfer_with_world(
         &self,
         kind: TransferKind,
         key: &IdempotencyKey,
-        holder: &PublicKey,
-        holder_account: i64,
+        Scope { signer, holder, holder_account }: Scope<'_>,
         amount: Amount,
     ) -> Result<TransferReceipt, LedgerError> {
         let request = (kind, holder, amount);
-        let mut op = match begin(&self.pool, kind.as_str(), holder, key, &request).await? {
+        let mut op = match begin(&self.pool, kind.as_str(), signer, key, &request).await? {
             Claim::New(op) => op,
             Claim::Replay(receipt) => return Ok(receipt),
         };
@@ -556,6 +559,14 @@ impl Operation {
         self.tx.commit().await?;
         Ok(answer)
     }
+}
+
+/// Whose money a deposit or withdrawal moves, and who signed it (the
+/// namespace of its idempotency key).
+struct Scope<'a> {
+    signer: &'a PublicKey,
+    holder: &'a PublicKey,
+    holder_account: i64,
 }
 
 /// Begins an operation: opens its transaction and claims the idempotency key

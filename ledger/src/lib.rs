@@ -36,8 +36,8 @@ pub use ledger::{
 };
 pub use model::{
     AccountKind, AccountRef, BalanceSummary, ChannelInfo, ChannelState, IdempotencyKey,
-    IdempotencyKeyError, Rejection, SettlementOutcome, Statement, StatementEntry, TransferKind,
-    TransferReceipt,
+    IdempotencyKeyError, Rejection, Settlement, SettlementOutcome, Statement, StatementEntry,
+    TransferKind, TransferReceipt,
 };
 
 /// The database migrations, embedded in the binary and applied on start.

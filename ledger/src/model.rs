@@ -222,6 +222,17 @@ pub struct ChannelInfo {
     pub closed_at: Option<DateTime<Utc>>,
 }
 
+/// What a settlement batch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    /// One outcome per voucher, in the order given.
+    pub outcomes: Vec<SettlementOutcome>,
+    /// Whether this was a retry of a batch settled before under the same
+    /// idempotency key: the outcomes are the first answer's, and nothing
+    /// moved this time.
+    pub replayed: bool,
+}
+
 /// What one voucher of a settlement batch did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

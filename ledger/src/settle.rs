@@ -19,7 +19,8 @@ use crate::ledger::{
     select_channels,
 };
 use crate::model::{
-    ChannelInfo, ChannelState, IdempotencyKey, Rejection, SettlementOutcome, TransferKind,
+    ChannelInfo, ChannelState, IdempotencyKey, Rejection, Settlement, SettlementOutcome,
+    TransferKind,
 };
 use crate::postings::Postings;
 
@@ -44,7 +45,7 @@ impl Ledger {
         key: &IdempotencyKey,
         relay: &PublicKey,
         vouchers: &[SignedVoucher],
-    ) -> Result<Vec<SettlementOutcome>, LedgerError> {
+    ) -> Result<Settlement, LedgerError> {
         if vouchers.len() > MAX_SETTLEMENT_BATCH {
             return Err(LedgerError::BatchTooLarge {
                 got: vouchers.len(),
@@ -54,7 +55,7 @@ impl Ledger {
         let request = ("settle", relay, vouchers);
         let mut op = match begin(&self.pool, "settle", relay, key, &request).await? {
             Claim::New(op) => op,
-            Claim::Replay(outcomes) => return Ok(outcomes),
+            Claim::Replay(outcomes) => return Ok(Settlement { outcomes, replayed: true }),
         };
         let mut ids: Vec<&[u8]> =
             vouchers.iter().map(|v| v.voucher.channel.as_bytes().as_slice()).collect();
@@ -105,7 +106,7 @@ impl Ledger {
             });
         }
 
-        if !payments.is_empty() {
+        let committed = if !payments.is_empty() {
             let mut accounts = vec![self.treasury];
             for (channel, _) in &payments {
                 let row = channel_row(&channels, channel)?;
@@ -124,7 +125,8 @@ impl Ledger {
             op.commit(postings, &paid, outcomes).await
         } else {
             op.commit(Postings::none(), &[], outcomes).await
-        }
+        };
+        committed.map(|outcomes| Settlement { outcomes, replayed: false })
     }
 
     /// The relay closes a channel at once: it settles `final_voucher` (if
@@ -292,7 +294,7 @@ fn judge(
     if !signature_ok {
         return Err(Rejection::BadSignature);
     }
-    if voucher.sequence == 0 || i64::try_from(voucher.sequence).is_err() {
+    if voucher.check_fields().is_err() {
         return Err(Rejection::SequenceOutOfRange);
     }
     if voucher.sequence == row.last_sequence && voucher.cumulative == row.settled {

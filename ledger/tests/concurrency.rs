@@ -27,7 +27,7 @@ async fn the_same_voucher_settled_twice_at_once_pays_once() {
             a.settle(&key_a, &relay_key, &batch),
             b.settle(&key_b, &relay_key, &batch),
         );
-        let outcomes = [first.unwrap().remove(0), second.unwrap().remove(0)];
+        let outcomes = [first.unwrap().outcomes.remove(0), second.unwrap().outcomes.remove(0)];
         let settled =
             outcomes.iter().filter(|o| matches!(o, SettlementOutcome::Settled { .. })).count();
         let repeated = outcomes
@@ -46,12 +46,12 @@ async fn the_same_voucher_settled_twice_at_once_pays_once() {
 async fn the_same_request_retried_concurrently_happens_once() {
     let a = ledger(config(HOUR)).await;
     let b = twin(&a).await;
-    let alice = key(1).public();
+    let (alice, gateway) = (key(1).public(), gateway());
     for round in 0..ROUNDS {
         let key = idem(&format!("deposit-{round}"));
         let (first, second) = tokio::join!(
-            a.deposit(&key, &alice, amount("1.5")),
-            b.deposit(&key, &alice, amount("1.5")),
+            a.deposit(&key, &gateway, &alice, amount("1.5")),
+            b.deposit(&key, &gateway, &alice, amount("1.5")),
         );
         assert_eq!(first.unwrap(), second.unwrap(), "round {round}");
     }
@@ -75,7 +75,7 @@ async fn settlement_racing_the_relays_close_never_pays_twice() {
         );
         let closed = closed.unwrap();
         assert_eq!(closed.state, ChannelState::Closed);
-        match &settled.unwrap()[0] {
+        match &settled.unwrap().outcomes[0] {
             // Settled first: the close refunded only what was left.
             SettlementOutcome::Settled { .. } => assert_eq!(closed.refunded, amount("4")),
             // Closed first: the voucher came too late and everything went back.
@@ -102,7 +102,7 @@ async fn settlement_racing_the_clients_close_request_both_succeed() {
             a.settle(&key_s, &relay_key, &batch),
             b.request_close(&key_c, &client_key, &channel),
         );
-        assert!(matches!(settled.unwrap()[0], SettlementOutcome::Settled { .. }));
+        assert!(matches!(settled.unwrap().outcomes[0], SettlementOutcome::Settled { .. }));
         assert_eq!(closing.unwrap().state, ChannelState::Closing);
         assert_eq!(a.channel(&channel).await.unwrap().settled, amount("6"));
     }
@@ -114,7 +114,7 @@ async fn channel_opens_racing_for_one_balance_never_overdraw() {
     let a = ledger(config(HOUR)).await;
     let b = twin(&a).await;
     let (client, relay) = (key(1), key(2));
-    a.deposit(&idem("fund"), &client.public(), amount("100")).await.unwrap();
+    a.deposit(&idem("fund"), &gateway(), &client.public(), amount("100")).await.unwrap();
     let opens = (0..10u64).map(|nonce| {
         let ledger = if nonce % 2 == 0 { a.clone() } else { b.clone() };
         let (client, relay) = (client.public(), relay.public());

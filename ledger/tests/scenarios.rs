@@ -18,7 +18,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 async fn deposits_and_withdrawals_balance_and_show_in_the_statement() {
     let ledger = ledger(config(HOUR)).await;
     let alice = key(1).public();
-    let receipt = ledger.deposit(&idem("d1"), &alice, amount("100.5")).await.unwrap();
+    let receipt = ledger.deposit(&idem("d1"), &gateway(), &alice, amount("100.5")).await.unwrap();
     assert_eq!(receipt.balance.to_string(), "100.5");
     let receipt =
         ledger.withdraw(&idem("w1"), &alice, amount("0.000000000000000001")).await.unwrap();
@@ -43,7 +43,7 @@ async fn statements_page_with_a_cursor() {
     let ledger = ledger(config(HOUR)).await;
     let alice = key(1).public();
     for i in 0..5 {
-        ledger.deposit(&idem(&format!("d{i}")), &alice, amount("1")).await.unwrap();
+        ledger.deposit(&idem(&format!("d{i}")), &gateway(), &alice, amount("1")).await.unwrap();
     }
     let first = ledger.statement(AccountRef::Holder { key: alice }, None, 2).await.unwrap();
     assert_eq!(first.entries.len(), 2);
@@ -80,7 +80,7 @@ async fn a_channel_lives_settles_and_is_closed_by_its_relay() {
     assert_eq!(ledger.balance(&client.public()).await.unwrap().available, money("50"));
 
     let batch = [voucher(&client, channel, 1, "10"), voucher(&client, channel, 2, "25")];
-    let outcomes = ledger.settle(&idem("s1"), &relay.public(), &batch).await.unwrap();
+    let outcomes = ledger.settle(&idem("s1"), &relay.public(), &batch).await.unwrap().outcomes;
     assert_eq!(
         outcomes,
         [
@@ -134,12 +134,14 @@ async fn a_channel_lives_settles_and_is_closed_by_its_relay() {
     let again = ledger
         .settle(&idem("s2"), &relay.public(), &[voucher(&client, channel, 3, "30")])
         .await
-        .unwrap();
+        .unwrap()
+        .outcomes;
     assert_eq!(again, [SettlementOutcome::AlreadySettled { channel, sequence: 3 }]);
     let later = ledger
         .settle(&idem("s3"), &relay.public(), &[voucher(&client, channel, 4, "31")])
         .await
-        .unwrap();
+        .unwrap()
+        .outcomes;
     assert!(matches!(
         &later[0],
         SettlementOutcome::Rejected { reason: Rejection::ChannelClosed, .. }
@@ -161,7 +163,8 @@ async fn a_client_close_leaves_the_relay_its_dispute_window() {
     let outcomes = ledger
         .settle(&idem("s"), &relay.public(), &[voucher(&client, channel, 1, "4")])
         .await
-        .unwrap();
+        .unwrap()
+        .outcomes;
     assert!(matches!(outcomes[0], SettlementOutcome::Settled { .. }));
     assert!(matches!(
         ledger.finalize(&idem("f"), &client.public(), &channel).await,
@@ -195,7 +198,8 @@ async fn after_the_dispute_window_settlement_is_refused_and_finalize_refunds() {
     let late = ledger
         .settle(&idem("s2"), &relay.public(), &[voucher(&client, channel, 2, "8")])
         .await
-        .unwrap();
+        .unwrap()
+        .outcomes;
     assert!(matches!(
         &late[0],
         SettlementOutcome::Rejected { reason: Rejection::DisputeWindowOver, .. }
@@ -254,7 +258,7 @@ async fn each_bad_voucher_is_rejected_on_its_own() {
         voucher(&client, channel, u64::MAX, "11"), // beyond the stored range
         voucher(&client, channel, 6, "20"),  // the one good voucher
     ];
-    let outcomes = ledger.settle(&idem("bad"), &relay.public(), &batch).await.unwrap();
+    let outcomes = ledger.settle(&idem("bad"), &relay.public(), &batch).await.unwrap().outcomes;
     let reasons: Vec<Option<Rejection>> = outcomes
         .iter()
         .map(|o| match o {
@@ -303,26 +307,39 @@ async fn repeating_an_operation_replays_it_and_moves_no_money() {
     let ledger = ledger(config(HOUR)).await;
     let (client, relay) = (key(1), key(2));
     let alice = client.public();
-    let first = ledger.deposit(&idem("same"), &alice, amount("5")).await.unwrap();
-    assert_eq!(ledger.deposit(&idem("same"), &alice, amount("5")).await.unwrap(), first);
+    let first = ledger.deposit(&idem("same"), &gateway(), &alice, amount("5")).await.unwrap();
+    assert_eq!(
+        ledger.deposit(&idem("same"), &gateway(), &alice, amount("5")).await.unwrap(),
+        first
+    );
     assert_eq!(ledger.balance(&alice).await.unwrap().available, money("5"));
     assert!(matches!(
-        ledger.deposit(&idem("same"), &alice, amount("6")).await,
+        ledger.deposit(&idem("same"), &gateway(), &alice, amount("6")).await,
         Err(LedgerError::IdempotencyConflict(_))
     ));
-    // A different operation under the same key is a conflict too.
+    // The signer's key names one request: a deposit under it to another
+    // holder is a conflict too.
     assert!(matches!(
-        ledger.withdraw(&idem("same"), &alice, amount("5")).await,
+        ledger.deposit(&idem("same"), &gateway(), &relay.public(), amount("5")).await,
         Err(LedgerError::IdempotencyConflict(_))
     ));
-    // Keys are per acting key: Bob may use "same" for his own request.
-    ledger.deposit(&idem("same"), &relay.public(), amount("1")).await.unwrap();
+    // Keys are the signer's: the holder's own withdrawal under the gateway's
+    // key is another request, and a holder who used a key first does not
+    // block the gateway's deposit under it.
+    ledger.withdraw(&idem("same"), &alice, amount("1")).await.unwrap();
+    ledger.withdraw(&idem("next"), &alice, amount("1")).await.unwrap();
+    ledger.deposit(&idem("next"), &gateway(), &alice, amount("2")).await.unwrap();
+    assert_eq!(ledger.balance(&alice).await.unwrap().available, money("5"));
+    ledger.deposit(&idem("same"), &relay.public(), &relay.public(), amount("1")).await.unwrap();
 
     let channel = funded_channel(&ledger, &client, &relay, 1, "10", "10").await;
     let batch = [voucher(&client, channel, 1, "4")];
-    let outcomes = ledger.settle(&idem("settle"), &relay.public(), &batch).await.unwrap();
-    // A retried batch gets the first answer ("settled"), not "already settled".
-    assert_eq!(ledger.settle(&idem("settle"), &relay.public(), &batch).await.unwrap(), outcomes);
+    let first = ledger.settle(&idem("settle"), &relay.public(), &batch).await.unwrap();
+    assert!(!first.replayed);
+    // A retried batch gets the first answer ("settled"), not "already
+    // settled", and says it is a replay, so nothing counts it twice.
+    let retried = ledger.settle(&idem("settle"), &relay.public(), &batch).await.unwrap();
+    assert_eq!((retried.outcomes, retried.replayed), (first.outcomes, true));
     assert_eq!(ledger.channel(&channel).await.unwrap().settled, amount("4"));
     assert!(matches!(
         ledger.settle(&idem("settle"), &relay.public(), &[voucher(&client, channel, 2, "5")]).await,
@@ -342,7 +359,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
     let c = client.public();
     let r = relay.public();
     assert!(matches!(
-        ledger.deposit(&idem("z"), &c, Amount::ZERO).await,
+        ledger.deposit(&idem("z"), &gateway(), &c, Amount::ZERO).await,
         Err(LedgerError::ZeroAmount)
     ));
     assert!(matches!(
@@ -490,7 +507,7 @@ async fn vouchers_signed_for_one_channel_do_not_pay_on_another() {
     let b = ChannelId::derive(&client.public(), &relay.public(), 2);
     let mut moved = voucher(&client, a, 1, "3");
     moved.voucher = Voucher { channel: b, ..moved.voucher };
-    let outcomes = ledger.settle(&idem("s"), &relay.public(), &[moved]).await.unwrap();
+    let outcomes = ledger.settle(&idem("s"), &relay.public(), &[moved]).await.unwrap().outcomes;
     assert!(matches!(
         &outcomes[0],
         SettlementOutcome::Rejected { reason: Rejection::BadSignature, .. }
@@ -502,8 +519,8 @@ async fn vouchers_signed_for_one_channel_do_not_pay_on_another() {
 async fn a_holder_may_hold_more_than_one_maximum_amount() {
     let ledger = ledger(config(HOUR)).await;
     let whale = key(1).public();
-    ledger.deposit(&idem("d1"), &whale, Amount::MAX).await.unwrap();
-    ledger.deposit(&idem("d2"), &whale, Amount::MAX).await.unwrap();
+    ledger.deposit(&idem("d1"), &gateway(), &whale, Amount::MAX).await.unwrap();
+    ledger.deposit(&idem("d2"), &gateway(), &whale, Amount::MAX).await.unwrap();
     let summary = ledger.balance(&whale).await.unwrap();
     assert_eq!(summary.available, money("20000000000"));
     // Withdrawals are amounts, so a large balance leaves in parts.
@@ -521,7 +538,8 @@ async fn sequence_zero_is_out_of_range_not_already_settled() {
     let outcomes = ledger
         .settle(&idem("s"), &relay.public(), &[voucher(&client, channel, 0, "0")])
         .await
-        .unwrap();
+        .unwrap()
+        .outcomes;
     assert!(matches!(
         &outcomes[0],
         SettlementOutcome::Rejected { reason: Rejection::SequenceOutOfRange, .. }
@@ -547,7 +565,8 @@ async fn naming_another_relays_channels_takes_none_of_their_locks() {
     let outcomes = tokio::time::timeout(Duration::from_secs(10), attack)
         .await
         .expect("a foreign channel's lock was awaited")
-        .unwrap();
+        .unwrap()
+        .outcomes;
     assert!(matches!(
         &outcomes[0],
         SettlementOutcome::Rejected { reason: Rejection::WrongRelay, .. }

@@ -29,5 +29,6 @@ pub use request::{
     KEY_HEADER, NONCE_HEADER, REQUEST_TAG, SIGNATURE_HEADER, SignedRequest, TIMESTAMP_HEADER,
 };
 pub use voucher::{
-    CHANNEL_ID_TAG, ChannelId, DecodeError, SIGNED_VOUCHER_LEN, SignedVoucher, VOUCHER_TAG, Voucher,
+    CHANNEL_ID_TAG, ChannelId, DecodeError, FieldError, MAX_SEQUENCE, SIGNED_VOUCHER_LEN,
+    SignedVoucher, VOUCHER_TAG, Voucher,
 };

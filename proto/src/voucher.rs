@@ -21,6 +21,21 @@ const VOUCHER_FIELDS_LEN: usize = 32 + 8 + 16;
 /// amount, signature.
 pub const SIGNED_VOUCHER_LEN: usize = VOUCHER_FIELDS_LEN + 64;
 
+/// The highest voucher sequence: the ledger stores sequences as a signed
+/// 64-bit integer (Postgres `BIGINT`).
+pub const MAX_SEQUENCE: u64 = i64::MAX as u64;
+
+/// Why a voucher's fields are outside what the ledger can settle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    /// Sequences start at 1, so 0 is below every settled voucher.
+    #[error("a voucher's sequence is 1 to {MAX_SEQUENCE}, got 0")]
+    SequenceZero,
+    /// Above [`MAX_SEQUENCE`].
+    #[error("a voucher's sequence is 1 to {MAX_SEQUENCE}, got {0}")]
+    SequenceTooLarge(u64),
+}
+
 /// Why bytes are not a signed voucher.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -109,6 +124,18 @@ impl Voucher {
         bytes[..VOUCHER_TAG.len()].copy_from_slice(VOUCHER_TAG);
         bytes[VOUCHER_TAG.len()..].copy_from_slice(&self.fields());
         bytes
+    }
+
+    /// Checks the fields against the ranges the ledger settles: the one rule
+    /// that a relay (before it counts a voucher) and the ledger (before it
+    /// pays one) both apply, so a relay never counts what cannot settle. The
+    /// amount's range, at most [`crate::MAX_AMOUNT`], holds by construction.
+    pub fn check_fields(&self) -> Result<(), FieldError> {
+        match self.sequence {
+            0 => Err(FieldError::SequenceZero),
+            sequence if sequence > MAX_SEQUENCE => Err(FieldError::SequenceTooLarge(sequence)),
+            _ => Ok(()),
+        }
     }
 
     /// Signs the voucher with the channel client's key.
@@ -231,6 +258,20 @@ mod tests {
         assert_ne!(id, ChannelId::derive(&a, &b, 2));
         assert_eq!(id.to_string().parse::<ChannelId>().unwrap(), id);
         assert!(id.to_string().to_uppercase().parse::<ChannelId>().is_err());
+    }
+
+    #[test]
+    fn fields_are_checked_at_their_edges() {
+        let at = |sequence| Voucher {
+            channel: ChannelId::from_bytes([1; 32]),
+            sequence,
+            cumulative: Amount::MAX,
+        };
+        assert_eq!(at(0).check_fields(), Err(FieldError::SequenceZero));
+        assert_eq!(at(1).check_fields(), Ok(()));
+        assert_eq!(at(MAX_SEQUENCE).check_fields(), Ok(()));
+        assert_eq!(at(MAX_SEQUENCE + 1).check_fields(), Err(FieldError::SequenceTooLarge(1 << 63)));
+        assert_eq!(at(u64::MAX).check_fields(), Err(FieldError::SequenceTooLarge(u64::MAX)));
     }
 
     proptest! {

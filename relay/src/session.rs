@@ -352,7 +352,7 @@ async fn judge(
     if voucher.verify(&meter.client).is_err() {
         return Err(VoucherVerdict::Forged);
     }
-    if !fields_in_range(v) {
+    if v.check_fields().is_err() {
         return Err(VoucherVerdict::OutOfRange);
     }
     if v.sequence <= newest_sequence {
@@ -515,9 +515,4 @@ async fn write_loop(
 fn invoice(session: &Session) -> Option<Frame> {
     let due = session.meter.as_ref()?.invoice()?;
     Some(Frame::Invoice { channel: due.channel, carried_bytes: due.carried_bytes, due: due.amount })
-}
-
-// TEMPORARY until the shared rule lands in ferry_proto.
-fn fields_in_range(v: &ferry_proto::Voucher) -> bool {
-    v.sequence <= i64::MAX as u64
 }

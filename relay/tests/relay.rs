@@ -267,6 +267,186 @@ async fn bad_vouchers_are_refused_and_counted() {
     registry.assert_invariants().await;
 }
 
+/// How one voucher of a random run is drawn, relative to the newest one
+/// both sides took: near every edge either side checks.
+#[derive(Debug, Clone, Copy)]
+enum Sequence {
+    Next,
+    Ahead(u64),
+    Same,
+    Behind,
+    Zero,
+    Largest,
+    AboveLargest,
+    Any(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Cumulative {
+    Same,
+    More(u128),
+    Less,
+    Escrow,
+    AboveEscrow,
+    Any(u128),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Draw {
+    sequence: Sequence,
+    cumulative: Cumulative,
+    forged: bool,
+    other_channel: bool,
+}
+
+fn arb_draw() -> impl proptest::strategy::Strategy<Value = Draw> {
+    use proptest::prelude::*;
+    let max_attos = Amount::MAX.attos();
+    let sequence = prop_oneof![
+        4 => Just(Sequence::Next),
+        2 => (1u64..1_000).prop_map(Sequence::Ahead),
+        1 => Just(Sequence::Same),
+        1 => Just(Sequence::Behind),
+        1 => Just(Sequence::Zero),
+        1 => Just(Sequence::Largest),
+        1 => Just(Sequence::AboveLargest),
+        1 => any::<u64>().prop_map(Sequence::Any),
+    ];
+    let cumulative = prop_oneof![
+        2 => Just(Cumulative::Same),
+        4 => (1u128..1_000_000_000_000_000_000).prop_map(Cumulative::More),
+        1 => Just(Cumulative::Less),
+        1 => Just(Cumulative::Escrow),
+        1 => Just(Cumulative::AboveEscrow),
+        1 => (0..=max_attos).prop_map(Cumulative::Any),
+    ];
+    (sequence, cumulative, proptest::bool::weighted(0.1), proptest::bool::weighted(0.05)).prop_map(
+        |(sequence, cumulative, forged, other_channel)| Draw {
+            sequence,
+            cumulative,
+            forged,
+            other_channel,
+        },
+    )
+}
+
+/// Random vouchers get the same verdict from the relay's check and the
+/// ledger's: each is sent to a real relay and then settled with the real
+/// ledger, and the relay accepts exactly the ones the ledger pays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_counts_exactly_the_vouchers_the_ledger_settles() {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    const ESCROW: &str = "10";
+    let registry = Registry::start().await;
+    let relay_key = key(1);
+    let relay = RunningRelay::start(
+        &registry,
+        &relay_key,
+        // Only this test settles, so each voucher's ledger verdict is its own.
+        |config| config.settle_interval = Duration::from_secs(3600),
+        store_dir("agree"),
+    )
+    .await;
+    let handle = tokio::runtime::Handle::current();
+    let cases = std::sync::atomic::AtomicU32::new(0);
+    let config = Config { cases: 6, max_shrink_iters: 64, ..Config::default() };
+    let mut runner = TestRunner::new(config);
+    let strategy = proptest::collection::vec(arb_draw(), 1..40);
+    let result = tokio::task::block_in_place(|| {
+        runner.run(&strategy, |draws| {
+            let case = cases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            handle.block_on(async {
+                // A fresh client and channel per case: shrinking reruns too.
+                let mut seed = [0x40u8; 32];
+                seed[..4].copy_from_slice(&case.to_be_bytes());
+                let client = SecretKey::from_seed(&seed);
+                let mallory = key(5);
+                let channel = registry.fund(&client, &relay_key.public(), ESCROW).await;
+                let escrow: Amount = ESCROW.parse().unwrap();
+                let other = ChannelId::derive(&client.public(), &relay_key.public(), 99);
+                // A new channel is a stranger to the relay, whose lookups of
+                // strangers are rationed: it says when to retry.
+                let session = tokio::time::timeout(WAIT, async {
+                    loop {
+                        match Session::open(&relay.address, &client, Some(channel), None).await {
+                            Err(RelayError::Closed {
+                                reason: CloseReason::Unavailable, ..
+                            }) => {
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                            opened => break opened.unwrap(),
+                        }
+                    }
+                })
+                .await
+                .expect("the relay takes the session in time");
+                let (mut sequence, mut paid) = (0u64, Amount::ZERO);
+                for (index, draw) in draws.iter().enumerate() {
+                    let next_sequence = match draw.sequence {
+                        Sequence::Next => sequence.saturating_add(1),
+                        Sequence::Ahead(by) => sequence.saturating_add(by),
+                        Sequence::Same => sequence,
+                        Sequence::Behind => sequence.saturating_sub(1),
+                        Sequence::Zero => 0,
+                        Sequence::Largest => ferry_proto::MAX_SEQUENCE,
+                        Sequence::AboveLargest => ferry_proto::MAX_SEQUENCE + 1,
+                        Sequence::Any(any) => any,
+                    };
+                    let attos = match draw.cumulative {
+                        Cumulative::Same => paid.attos(),
+                        Cumulative::More(by) => paid.attos().saturating_add(by),
+                        Cumulative::Less => paid.attos().saturating_sub(1),
+                        Cumulative::Escrow => escrow.attos(),
+                        Cumulative::AboveEscrow => escrow.attos() + 1,
+                        Cumulative::Any(any) => any,
+                    };
+                    let voucher = Voucher {
+                        channel: if draw.other_channel { other } else { channel },
+                        sequence: next_sequence,
+                        cumulative: Amount::from_attos(attos.min(Amount::MAX.attos())).unwrap(),
+                    };
+                    let signed = voucher.sign(if draw.forged { &mallory } else { &client });
+                    session.pay(signed).await.unwrap();
+                    let verdict = loop {
+                        if let Event::VoucherResult { verdict, .. } = next(&session).await {
+                            break verdict;
+                        }
+                    };
+                    let idempotency: ferry_ledger::IdempotencyKey =
+                        format!("agree-{case}-{index}").parse().unwrap();
+                    let settlement = registry
+                        .ledger
+                        .settle(&idempotency, &relay_key.public(), &[signed])
+                        .await
+                        .unwrap();
+                    let ledger_pays = matches!(
+                        settlement.outcomes[0],
+                        ferry_ledger::SettlementOutcome::Settled { .. }
+                    );
+                    proptest::prop_assert_eq!(
+                        verdict == VoucherVerdict::Accepted,
+                        ledger_pays,
+                        "voucher {:?}: relay {:?}, ledger {:?}",
+                        voucher,
+                        verdict,
+                        settlement.outcomes[0]
+                    );
+                    if ledger_pays {
+                        (sequence, paid) = (voucher.sequence, voucher.cumulative);
+                    }
+                }
+                session.close().await.unwrap();
+                let view = registry.client(&relay_key).channel(&channel).await.unwrap();
+                proptest::prop_assert_eq!(view.settled, paid);
+                Ok::<(), TestCaseError>(())
+            })
+        })
+    });
+    result.unwrap();
+    relay.shutdown().await;
+    registry.assert_invariants().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_restarted_from_its_voucher_log_settles_every_acknowledged_voucher() {
     let registry = Registry::start().await;

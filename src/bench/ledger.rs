@@ -213,7 +213,7 @@ impl Market {
                 let key = idempotency(&format!("batch-{round}-{relay}"))?;
                 tasks.spawn(async move {
                     let begun = Instant::now();
-                    let outcomes = ledger.settle(&key, &relay, &vouchers).await?;
+                    let outcomes = ledger.settle(&key, &relay, &vouchers).await?.outcomes;
                     anyhow::Ok((begun.elapsed(), outcomes))
                 });
             }
@@ -235,7 +235,7 @@ impl Market {
             let voucher = micro_voucher(&channel.client, channel.id, sequence);
             let key = idempotency(&format!("single-{sequence}"))?;
             let begun = Instant::now();
-            let outcomes = ledger.settle(&key, &relay.public(), &[voucher]).await?;
+            let outcomes = ledger.settle(&key, &relay.public(), &[voucher]).await?.outcomes;
             latencies.push(begun.elapsed().as_secs_f64() * 1000.0);
             count_settled(&outcomes)?;
         }
@@ -261,7 +261,14 @@ async fn fund(
     tag: &str,
 ) -> anyhow::Result<ChannelId> {
     let amount: Amount = "1".parse()?;
-    ledger.deposit(&idempotency(&format!("deposit-{tag}"))?, &client.public(), amount).await?;
+    ledger
+        .deposit(
+            &idempotency(&format!("deposit-{tag}"))?,
+            &client.public(),
+            &client.public(),
+            amount,
+        )
+        .await?;
     let channel = ledger
         .open_channel(&idempotency(&format!("open-{tag}"))?, &client.public(), relay, 1, amount)
         .await?;

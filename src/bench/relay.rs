@@ -283,7 +283,12 @@ async fn relay_run(
     });
     let amount: ferry_proto::Amount = "100".parse()?;
     ledger
-        .deposit(&idempotency(&format!("bench-deposit-{tag}"))?, &caller.public(), amount)
+        .deposit(
+            &idempotency(&format!("bench-deposit-{tag}"))?,
+            &caller.public(),
+            &caller.public(),
+            amount,
+        )
         .await?;
     let channel = ledger
         .open_channel(

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ferry_ledger::{IdempotencyKey, Ledger, LedgerConfig};
-use ferry_proto::{Amount, Balance, ChannelId, SecretKey, SignedVoucher, Voucher};
+use ferry_proto::{Amount, Balance, ChannelId, PublicKey, SecretKey, SignedVoucher, Voucher};
 
 /// A fee of 2.5%, so fees are visible in every scenario.
 pub const FEE_BPS: u16 = 250;
@@ -24,6 +24,11 @@ pub async fn ledger(config: LedgerConfig) -> Ledger {
 pub async fn twin(ledger: &Ledger) -> Ledger {
     let options = ledger.pool().connect_options().as_ref().clone();
     Ledger::connect(options, ledger.config()).await.unwrap()
+}
+
+/// The deposit gateway's key: the signer of every deposit in these tests.
+pub fn gateway() -> PublicKey {
+    key(0xee).public()
 }
 
 pub fn key(seed: u8) -> SecretKey {
@@ -66,7 +71,10 @@ pub async fn funded_channel(
     funds: &str,
     escrow: &str,
 ) -> ChannelId {
-    ledger.deposit(&idem(&format!("fund-{nonce}")), &client.public(), amount(funds)).await.unwrap();
+    ledger
+        .deposit(&idem(&format!("fund-{nonce}")), &gateway(), &client.public(), amount(funds))
+        .await
+        .unwrap();
     let channel = ledger
         .open_channel(
             &idem(&format!("open-{nonce}")),
