@@ -418,3 +418,59 @@ async fn closing_an_endpoint_pays_for_exactly_the_bytes_the_relay_carried() {
     close_all(&sender).await;
     registry.assert_invariants().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_too_small_for_the_credit_window_is_topped_up_before_the_window_shrinks() {
+    let registry = Registry::start().await;
+    let relay_key = key(15);
+    let relay = RunningRelay::start(
+        &registry,
+        &relay_key,
+        |config| config.credit_window_bytes = 1 << 20,
+        store_dir("top-up"),
+    )
+    .await;
+    listed(&registry, &[relay_key.public()]).await;
+    let window_cost = ferry_proto::cost(1 << 20, relay.relay.price()).unwrap();
+
+    let (sender_key, receiver_key) = (key(8), key(9));
+    let receiver = listener_endpoint(&registry, &receiver_key);
+    receiver.listen().await.unwrap();
+    // A budget far below one window's cost (0.001048576 here): left alone,
+    // the relay would grant a tenth of its window and the client would top
+    // up by a tenth at a time.
+    let budget =
+        Budget { open: amount("0.0001"), top_up: amount("0.0001"), low_water: amount("0.00005") };
+    let sender = payer(&registry, &sender_key, "1", budget).await;
+
+    let data = payload(8 << 20);
+    let mut outgoing =
+        tokio::time::timeout(WAIT, sender.dial(receiver_key.public())).await.unwrap().unwrap();
+    let sent = data.clone();
+    let writing = tokio::spawn(async move {
+        outgoing.write_all(&sent).await.unwrap();
+        outgoing.shutdown().await.unwrap();
+    });
+    let mut incoming = tokio::time::timeout(WAIT, receiver.accept()).await.unwrap().unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(WAIT, incoming.read_to_end(&mut received)).await.unwrap().unwrap();
+    assert!(received == data, "the bytes differ from those sent");
+    tokio::time::timeout(WAIT, writing).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, sender.close()).await.unwrap();
+    receiver.close().await;
+    assert!(!relay.shutdown().await.incomplete);
+
+    // Every top-up kept two windows' cost above the newest voucher, so at
+    // the end a whole window is still paid for by the escrow.
+    let money = sender.money().await.unwrap();
+    assert_eq!(money.len(), 1, "{money:?}");
+    let channel = &money[0].channel;
+    let left = channel.deposited.checked_sub(channel.settled).unwrap();
+    println!(
+        "deposited {}, settled {}, window cost {window_cost}",
+        channel.deposited, channel.settled
+    );
+    assert!(left >= window_cost, "escrow left {left} is below one window's cost {window_cost}");
+    close_all(&sender).await;
+    registry.assert_invariants().await;
+}

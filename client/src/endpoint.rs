@@ -347,7 +347,9 @@ impl Shared {
             let channel = wallet.channel_to(&relay.key).await?;
             let payer = Payer { channel: channel.id, key: self.me.clone() };
             let session = Session::open(relay, &self.me, Some(channel.id), Some(payer)).await?;
-            tokio::spawn(top_up(Arc::downgrade(self), wallet.clone(), channel, session.paid()));
+            let window_cost = session.terms.window_cost();
+            let paid = session.paid();
+            tokio::spawn(top_up(Arc::downgrade(self), wallet.clone(), channel, window_cost, paid));
             session
         } else {
             Session::open(relay, &self.me, None, None).await?
@@ -602,6 +604,7 @@ async fn top_up(
     shared: Weak<Shared>,
     wallet: Wallet,
     mut channel: crate::ChannelView,
+    window_cost: Amount,
     mut paid: tokio::sync::watch::Receiver<Amount>,
 ) {
     loop {
@@ -609,7 +612,7 @@ async fn top_up(
         let Some(alive) = shared.upgrade() else { return };
         lock(&alive.paid).insert(channel.id, amount);
         drop(alive);
-        match wallet.top_up_if_low(&channel, amount).await {
+        match wallet.top_up_if_low(&channel, amount, window_cost).await {
             Ok(now) => channel = now,
             Err(error) => tracing::warn!(channel = %channel.id, %error, "top-up failed"),
         }

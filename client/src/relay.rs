@@ -192,6 +192,14 @@ pub struct SessionTerms {
     pub sequence: u64,
 }
 
+impl SessionTerms {
+    /// What a full credit window costs: the escrow above the newest voucher
+    /// below which the relay shrinks the window to what the escrow can pay.
+    pub fn window_cost(&self) -> Amount {
+        ferry_proto::cost(self.credit_window_bytes, self.price_per_byte).unwrap_or(Amount::MAX)
+    }
+}
+
 /// Something the relay told the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {

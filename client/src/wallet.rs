@@ -11,11 +11,17 @@ use crate::registry::{ChannelView, RegistryClient, RegistryError, id_prefix, nex
 pub struct Budget {
     /// The escrow of a new channel.
     pub open: Amount,
-    /// What one top-up adds.
+    /// What one top-up adds (at least two credit windows' cost).
     pub top_up: Amount,
-    /// Top up once the escrow left above the newest voucher is below this.
+    /// Top up once the escrow left above the newest voucher is below this
+    /// (at least two credit windows' cost).
     pub low_water: Amount,
 }
+
+/// How many credit windows' cost a channel keeps above its newest voucher:
+/// the relay shrinks the window once less than one is left, so topping up
+/// at two leaves a whole window of payments for the top-up to land.
+pub const TOP_UP_WINDOWS: u128 = 2;
 
 /// A channel's money as its client sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,22 +59,27 @@ impl Wallet {
     }
 
     /// Tops `channel` up when the escrow above `paid` (the newest voucher's
-    /// cumulative amount) is below the budget's low water; returns the
-    /// channel as it now stands.
+    /// cumulative amount) is below the budget's low water, or below
+    /// [`TOP_UP_WINDOWS`] × `window_cost` (what the relay's credit window
+    /// costs), so the relay never shrinks the window for want of escrow;
+    /// returns the channel as it now stands.
     pub async fn top_up_if_low(
         &self,
         channel: &ChannelView,
         paid: Amount,
+        window_cost: Amount,
     ) -> Result<ChannelView, RegistryError> {
+        let margin = Amount::from_attos(window_cost.attos().saturating_mul(TOP_UP_WINDOWS))
+            .unwrap_or(Amount::MAX);
         let left = channel.deposited.checked_sub(paid).unwrap_or(Amount::ZERO);
-        if left >= self.budget.low_water {
+        if left >= self.budget.low_water.max(margin) {
             return Ok(channel.clone());
         }
         // Named by the deposit it tops up, so a retry adds nothing twice.
         // 16 hex digits of the id leave room for a u128 of attos.
         let idempotency =
             format!("top-up-{}-{}", id_prefix(&channel.id, 16), channel.deposited.attos());
-        self.registry.top_up(&channel.id, self.budget.top_up, &idempotency).await
+        self.registry.top_up(&channel.id, self.budget.top_up.max(margin), &idempotency).await
     }
 
     /// Asks to close `channel`; the refund follows the relay's close or,
