@@ -1,6 +1,7 @@
 //! `ferry bench`: benchmarks reported as ratios to a baseline measured in the
 //! same run on the same machine, because these machines are shared and noisy.
 
+mod connections;
 mod ledger;
 mod registry;
 mod relay;
@@ -18,7 +19,8 @@ pub enum Suite {
     All,
     /// Ledger settlement against pgbench.
     Ledger,
-    /// Registry listings against a trivial axum handler, and the settlement endpoint.
+    /// Registry listings against a trivial axum handler, the settlement
+    /// endpoint, and /healthz under a flood of idle connections.
     Registry,
     /// Relay throughput against a bare TCP proxy, payment CPU, idle sessions' memory.
     Relay,
@@ -54,6 +56,10 @@ pub struct BenchArgs {
     /// Bytes pushed through one tunnel per throughput run.
     #[arg(long, default_value_t = 1 << 30)]
     pub tunnel_bytes: u64,
+    /// Idle connections one address opens against the registry (each sends
+    /// part of a request's headers, then nothing).
+    #[arg(long, default_value_t = 20_000)]
+    pub idle_connections: usize,
     /// Idle authenticated sessions held open for the memory measurement.
     #[arg(long, default_value_t = 10_000)]
     pub idle_sessions: usize,

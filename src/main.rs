@@ -92,6 +92,21 @@ struct LimitArgs {
     /// Signed requests a key may send at once.
     #[arg(long, env = "FERRY_BURST_PER_KEY", default_value_t = ferry_api::Limits::default().per_key.burst)]
     burst_per_key: u32,
+    /// Requests per second per client IP address to /healthz, /readyz and
+    /// /metrics, apart from the API's (0: no limit).
+    #[arg(long, env = "FERRY_RATE_PER_IP_OPERATIONS", default_value_t = ferry_api::Limits::default().per_ip_operations.per_sec)]
+    rate_per_ip_operations: u32,
+    /// Connections open at once; more are refused with 503.
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS", default_value_t = ferry_api::ConnectionLimits::default().max_connections)]
+    max_connections: usize,
+    /// Connections one client IP address may hold open at once.
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS_PER_IP", default_value_t = ferry_api::ConnectionLimits::default().max_connections_per_ip)]
+    max_connections_per_ip: usize,
+    /// How long a connection may take to send a request's headers, from its
+    /// opening or its previous response (so also the keep-alive idle
+    /// timeout), in milliseconds.
+    #[arg(long, env = "FERRY_HEADER_READ_TIMEOUT_MS", default_value_t = ferry_api::ConnectionLimits::default().header_read_timeout.as_secs() * 1000)]
+    header_read_timeout_ms: u64,
 }
 
 impl LimitArgs {
@@ -101,6 +116,16 @@ impl LimitArgs {
             request_timeout: std::time::Duration::from_millis(self.request_timeout_ms),
             per_ip: ferry_api::Rate { per_sec: self.rate_per_ip, burst: self.burst_per_ip },
             per_key: ferry_api::Rate { per_sec: self.rate_per_key, burst: self.burst_per_key },
+            per_ip_operations: ferry_api::Rate {
+                per_sec: self.rate_per_ip_operations,
+                burst: self.rate_per_ip_operations.saturating_mul(2),
+            },
+            connections: ferry_api::ConnectionLimits {
+                max_connections: self.max_connections,
+                max_connections_per_ip: self.max_connections_per_ip,
+                header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+                ..ferry_api::ConnectionLimits::default()
+            },
         }
     }
 }

@@ -33,13 +33,14 @@ mod totals;
 mod web;
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::{Router, middleware};
 use ferry_ledger::Ledger;
 use ferry_proto::PublicKey;
+pub use ferry_proto::http::ConnectionLimits;
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -68,6 +69,12 @@ pub struct Limits {
     pub per_ip: Rate,
     /// Signed requests per key; more get 429.
     pub per_key: Rate,
+    /// Requests per client IP address to `/healthz`, `/readyz` and
+    /// `/metrics`, a budget apart from `per_ip`; more get 429.
+    pub per_ip_operations: Rate,
+    /// Connections in total and per IP address, and the wait for a
+    /// request's headers (which also closes idle kept-alive connections).
+    pub connections: ConnectionLimits,
 }
 
 impl Default for Limits {
@@ -78,6 +85,8 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(10),
             per_ip: Rate { per_sec: 500, burst: 1000 },
             per_key: Rate { per_sec: 100, burst: 200 },
+            per_ip_operations: Rate { per_sec: 20, burst: 40 },
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -107,6 +116,7 @@ pub struct AppState {
 struct Limiters {
     per_ip: limit::RateLimiter<IpAddr>,
     per_key: limit::RateLimiter<PublicKey>,
+    per_ip_operations: limit::RateLimiter<IpAddr>,
 }
 
 impl AppState {
@@ -115,6 +125,7 @@ impl AppState {
         let limits = Limiters {
             per_ip: limit::RateLimiter::new(config.limits.per_ip),
             per_key: limit::RateLimiter::new(config.limits.per_key),
+            per_ip_operations: limit::RateLimiter::new(config.limits.per_ip_operations),
         };
         AppState {
             ledger,
@@ -170,8 +181,10 @@ pub async fn serve(
     let pruner = tokio::spawn(prune_nonces(state.clone()));
     let prober =
         state.config.probe_interval.map(|every| tokio::spawn(probe::run(state.clone(), every)));
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let limits = state.config.limits.connections;
+    let observer = Arc::new(state.metrics.clone());
+    let served =
+        ferry_proto::http::serve(listener, router(state), limits, observer, shutdown).await;
     pruner.abort();
     if let Some(prober) = prober {
         prober.abort();

@@ -27,6 +27,13 @@ pub(crate) fn rate_limited(scope: &str, retry_after: Duration) -> ApiError {
     error
 }
 
+/// Paths with their own per-IP budget (`Limits::per_ip_operations`), apart
+/// from the API's: health checks and metrics scrapes come from the
+/// operator's monitoring, often from an address that is busy with API calls
+/// too, and must see the instance as it is rather than that address's rate
+/// limit, while a flood of them stays bounded.
+const OPERATIONS_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
 /// Middleware: the per-IP rate limit and the request timeout. A request
 /// served without connection info (not through [`crate::serve`]) has no IP
 /// and only the timeout applies.
@@ -37,8 +44,13 @@ pub(crate) async fn limit_requests(
 ) -> Response {
     if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
         let ip: IpAddr = peer.ip();
-        if let Err(retry_after) = state.limits.per_ip.check(ip, Instant::now()) {
-            state.metrics.rate_limited("ip");
+        let (limiter, scope) = if OPERATIONS_PATHS.contains(&request.uri().path()) {
+            (&state.limits.per_ip_operations, "ip_operations")
+        } else {
+            (&state.limits.per_ip, "ip")
+        };
+        if let Err(retry_after) = limiter.check(ip, Instant::now()) {
+            state.metrics.rate_limited(scope);
             return rate_limited("address", retry_after).into_response();
         }
     }

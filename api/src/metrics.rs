@@ -64,6 +64,8 @@ pub(crate) struct Metrics {
     relays: Family<StateLabels, Gauge>,
     channels: Family<StateLabels, Gauge>,
     escrow_units: Gauge<f64, AtomicU64>,
+    connections: Gauge,
+    connections_refused: Family<ScopeLabels, Counter>,
 }
 
 impl Metrics {
@@ -84,7 +86,7 @@ impl Metrics {
         let rate_limited = Family::default();
         registry.register(
             "rate_limited",
-            "Requests refused by a rate limit, by scope (ip or key)",
+            "Requests refused by a rate limit, by scope (ip, ip_operations or key)",
             rate_limited.clone(),
         );
         let vouchers = Family::default();
@@ -103,6 +105,14 @@ impl Metrics {
             "Money held in channel escrow, in units (at scrape; approximate for display)",
             escrow_units.clone(),
         );
+        let connections = Gauge::default();
+        registry.register("connections", "HTTP connections open", connections.clone());
+        let connections_refused = Family::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused by a bound, by scope (total or per_ip)",
+            connections_refused.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             requests,
@@ -112,6 +122,8 @@ impl Metrics {
             relays,
             channels,
             escrow_units,
+            connections,
+            connections_refused,
         }
     }
 
@@ -183,4 +195,19 @@ pub(crate) async fn render(State(state): State<AppState>) -> Result<Response, Ap
     prometheus_text::encode(&mut text, &metrics.registry)
         .map_err(|_| ApiError::internal("encoding metrics"))?;
     Ok(([(CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], text).into_response())
+}
+
+/// The registry's connections: open, and refused by which bound.
+impl ferry_proto::http::ConnectionObserver for Metrics {
+    fn opened(&self, open: usize) {
+        self.connections.set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    fn closed(&self, open: usize) {
+        self.connections.set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    fn refused(&self, why: ferry_proto::http::Refusal) {
+        self.connections_refused.get_or_create(&ScopeLabels { scope: why.as_str() }).inc();
+    }
 }

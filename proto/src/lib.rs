@@ -9,6 +9,8 @@
 mod advert;
 mod amount;
 mod home;
+#[cfg(feature = "http-server")]
+pub mod http;
 mod keys;
 pub mod rate;
 mod request;

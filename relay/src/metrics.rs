@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -11,6 +12,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use ferry_proto::Amount;
+use ferry_proto::http::ConnectionLimits;
 use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -203,8 +205,17 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(render))
         .with_state(metrics);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    ferry_proto::http::serve(listener, app, METRICS_CONNECTIONS, Arc::new(()), shutdown).await
 }
+
+/// The metrics port is for the operator's monitoring: a few connections,
+/// each bounded like the registry's.
+const METRICS_CONNECTIONS: ConnectionLimits = ConnectionLimits {
+    max_connections: 64,
+    max_connections_per_ip: 16,
+    header_read_timeout: Duration::from_secs(10),
+    shutdown_grace: Duration::from_secs(2),
+};
 
 async fn render(State(metrics): State<Metrics>) -> impl IntoResponse {
     ([(CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], metrics.render())

@@ -4,7 +4,7 @@
 //! same load generator, 127.0.0.1), and the settlement endpoint against the
 //! same batches settled by calling the ledger directly.
 
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -82,20 +82,17 @@ async fn serve_registry(state: AppState) -> anyhow::Result<Served> {
     Ok(Served { base, stop, task })
 }
 
-/// The baseline: an axum handler that answers a constant, served by
-/// `axum::serve` with connection info, as the registry is.
+/// The baseline: an axum handler that answers a constant, served with
+/// the same connection handling as the registry.
 async fn serve_trivial() -> anyhow::Result<Served> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let app = Router::new().route("/trivial", get(|| async { Json(serde_json::json!({"ok": 1})) }));
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let limits = Limits::default().connections;
+    let task = tokio::spawn(ferry_proto::http::serve(listener, app, limits, Arc::new(()), async {
+        let _ = stopped.await;
+    }));
     Ok(Served { base, stop, task })
 }
 
@@ -151,6 +148,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
     registry.stop().await?;
     trivial.stop().await?;
     ledger.close().await;
+    let flood = super::connections::run(db, args).await?;
 
     let mut table = Table::new("registry");
     for (name, baseline, listing) in &rows {
@@ -180,6 +178,31 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
     table.row(format!(
         "| registering a relay (signed advert + heartbeat), {connections} connections | {:.0} relays/s | | |",
         registration
+    ));
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    table.row(format!(
+        "| `/healthz` p99 while one address opens {} idle connections (`ferry registry` process, defaults) | {:.2} ms | `/healthz` alone: {:.2} ms | {:.2}× |",
+        flood.attempted,
+        flood.p99_flooded_ms(),
+        flood.p99_baseline_ms(),
+        flood.p99_flooded_ms() / flood.p99_baseline_ms().max(f64::MIN_POSITIVE)
+    ));
+    table.row(format!(
+        "| `/healthz` slowest poll during the flood ({} polls) | {:.2} ms | | |",
+        flood.flooded_ms.len(),
+        flood.max_flooded_ms()
+    ));
+    table.row(format!(
+        "| idle connections: most held at once, refused | {} held, {} refused | per-IP bound {} | |",
+        flood.most_held,
+        flood.refused,
+        ferry_api::ConnectionLimits::default().max_connections_per_ip
+    ));
+    table.row(format!(
+        "| registry RSS: before, peak, after the flood | {:.1} / {:.1} / {:.1} MiB | | |",
+        mib(flood.rss_before),
+        mib(flood.rss_peak),
+        mib(flood.rss_after)
     ));
     table.note(format!(
         "ledger check after the run: all invariants hold ({} transfers)",

@@ -368,7 +368,7 @@ async fn disk_sync_median(dir: &std::path::Path) -> anyhow::Result<Duration> {
 }
 
 /// A process's resident memory in bytes, from /proc/PID/status.
-fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+pub(super) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: u64 = status
         .lines()
