@@ -296,11 +296,15 @@ async fn read_loop(
                 };
                 match judged {
                     Ok(acks) => {
-                        let stored = match shared.store.submit(voucher).await {
-                            Ok(stored) => stored,
-                            Err(error) => {
-                                tracing::error!(%error, "cannot store a voucher; ending the session");
-                                return CloseReason::Unavailable;
+                        let stored = if voucher.voucher.cumulative == newest.0 {
+                            Stored::nothing_new()
+                        } else {
+                            match shared.store.submit(voucher).await {
+                                Ok(stored) => stored,
+                                Err(error) => {
+                                    tracing::error!(%error, "cannot store a voucher; ending the session");
+                                    return CloseReason::Unavailable;
+                                }
                             }
                         };
                         newest = (voucher.voucher.cumulative, voucher.voucher.sequence);

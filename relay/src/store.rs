@@ -132,6 +132,17 @@ pub struct Stored {
 }
 
 impl Stored {
+    /// A voucher that names the amount of one already queued under an older
+    /// sequence: the ledger settles that one for the same money, so nothing
+    /// is written, and it is durable once the vouchers queued before it are
+    /// (acknowledgements wait for them in order). Without this a client
+    /// could grow the log, and its syncs, without paying anything.
+    pub fn nothing_new() -> Stored {
+        let (done, written) = oneshot::channel();
+        let _ = done.send(Ok(()));
+        Stored { written, path: PathBuf::new() }
+    }
+
     /// Waits until the voucher is synced to disk (or the write failed).
     pub async fn durable(self) -> Result<(), StoreError> {
         match self.written.await {
