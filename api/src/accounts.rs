@@ -2,13 +2,14 @@
 //! (signed by the operator) and withdrawals (signed by the owner).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use ferry_ledger::{AccountRef, BalanceSummary, ChannelInfo, Statement, TransferReceipt};
-use ferry_proto::{Amount, PublicKey};
+use ferry_proto::Amount;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Signed;
 use crate::error::ErrorBody;
+use crate::extract::{KeyPath, StrictQuery};
 use crate::openapi::SignedErrors;
 use crate::{ApiError, AppState};
 
@@ -30,14 +31,13 @@ pub struct AmountBody {
 pub struct StatementQuery {
     /// Only transfers older than this transfer id (the previous page's
     /// `next_before`).
+    #[serde(default, deserialize_with = "crate::extract::optional_transfer_id")]
+    #[param(minimum = 1, maximum = 9_223_372_036_854_775_807_i64)]
     pub before: Option<i64>,
     /// At most this many entries (1 to 1,000; default 100).
+    #[serde(default, deserialize_with = "crate::extract::optional_u32")]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
-}
-
-/// Parses a key from the path.
-pub(crate) fn path_key(text: &str) -> Result<PublicKey, ApiError> {
-    text.parse().map_err(|error| ApiError::bad_request("invalid_key", format!("{error}")))
 }
 
 /// `GET /v1/accounts/{key}`: the key's money at a glance.
@@ -45,7 +45,7 @@ pub(crate) fn path_key(text: &str) -> Result<PublicKey, ApiError> {
     get,
     path = "/v1/accounts/{key}",
     tag = "accounts",
-    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    params(KeyPath),
     responses(
         (status = 200, description = "Available, in escrow and earned", body = BalanceSummary),
         SignedErrors,
@@ -54,10 +54,9 @@ pub(crate) fn path_key(text: &str) -> Result<PublicKey, ApiError> {
 )]
 pub async fn balance(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    KeyPath(key): KeyPath,
     signed: Signed,
 ) -> Result<Json<BalanceSummary>, ApiError> {
-    let key = path_key(&key)?;
     signed.require(&key)?;
     Ok(Json(state.ledger.balance(&key).await?))
 }
@@ -76,7 +75,7 @@ pub struct ChannelList {
     get,
     path = "/v1/accounts/{key}/channels",
     tag = "accounts",
-    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    params(KeyPath),
     responses(
         (status = 200, description = "The newest 1,000 channels, newest first", body = ChannelList),
         SignedErrors,
@@ -85,10 +84,9 @@ pub struct ChannelList {
 )]
 pub async fn channels(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    KeyPath(key): KeyPath,
     signed: Signed,
 ) -> Result<Json<ChannelList>, ApiError> {
-    let key = path_key(&key)?;
     signed.require(&key)?;
     Ok(Json(ChannelList { channels: state.ledger.channels_of(&key).await? }))
 }
@@ -98,7 +96,7 @@ pub async fn channels(
     get,
     path = "/v1/accounts/{key}/statement",
     tag = "accounts",
-    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits"), StatementQuery),
+    params(KeyPath, StatementQuery),
     responses(
         (status = 200, description = "A page of transfers, newest first", body = Statement),
         SignedErrors,
@@ -107,14 +105,11 @@ pub async fn channels(
 )]
 pub async fn statement(
     State(state): State<AppState>,
-    Path(key): Path<String>,
-    query: Result<Query<StatementQuery>, axum::extract::rejection::QueryRejection>,
+    KeyPath(key): KeyPath,
+    StrictQuery(query): StrictQuery<StatementQuery>,
     signed: Signed,
 ) -> Result<Json<Statement>, ApiError> {
-    let key = path_key(&key)?;
     signed.require(&key)?;
-    let Query(query) =
-        query.map_err(|error| ApiError::bad_request("invalid_query", error.body_text()))?;
     let limit = query.limit.unwrap_or(DEFAULT_STATEMENT_PAGE);
     Ok(Json(state.ledger.statement(AccountRef::Holder { key }, query.before, limit).await?))
 }
@@ -125,7 +120,7 @@ pub async fn statement(
     post,
     path = "/v1/accounts/{key}/deposits",
     tag = "accounts",
-    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    params(KeyPath, ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,64}$")),
     request_body = AmountBody,
     responses(
         (status = 200, description = "Deposited", body = TransferReceipt),
@@ -137,10 +132,9 @@ pub async fn statement(
 )]
 pub async fn deposit(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    KeyPath(key): KeyPath,
     signed: Signed,
 ) -> Result<Json<TransferReceipt>, ApiError> {
-    let key = path_key(&key)?;
     signed.require(&state.config.operator)?;
     let body: AmountBody = signed.json()?;
     Ok(Json(
@@ -156,7 +150,7 @@ pub async fn deposit(
     post,
     path = "/v1/accounts/{key}/withdrawals",
     tag = "accounts",
-    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    params(KeyPath, ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,64}$")),
     request_body = AmountBody,
     responses(
         (status = 200, description = "Withdrawn", body = TransferReceipt),
@@ -168,10 +162,9 @@ pub async fn deposit(
 )]
 pub async fn withdraw(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    KeyPath(key): KeyPath,
     signed: Signed,
 ) -> Result<Json<TransferReceipt>, ApiError> {
-    let key = path_key(&key)?;
     signed.require(&key)?;
     let body: AmountBody = signed.json()?;
     Ok(Json(state.ledger.withdraw(&signed.idempotency_key()?, &key, body.amount).await?))

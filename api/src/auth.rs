@@ -4,7 +4,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use ferry_ledger::IdempotencyKey;
 use ferry_proto::{
     KEY_HEADER, NONCE_HEADER, PublicKey, SIGNATURE_HEADER, Signature, SignedRequest,
@@ -12,6 +12,7 @@ use ferry_proto::{
 };
 use serde::de::DeserializeOwned;
 
+use crate::extract::whole_number;
 use crate::{ApiError, AppState, CLOCK_SKEW, limit};
 
 /// The header that names an operation for idempotent retries.
@@ -67,12 +68,15 @@ impl FromRequest<AppState> for Signed {
         let key: PublicKey = header(&parts.headers, KEY_HEADER)?.parse().map_err(|error| {
             ApiError::unauthenticated("bad_key", format!("{KEY_HEADER}: {error}"))
         })?;
-        let timestamp: u64 = header(&parts.headers, TIMESTAMP_HEADER)?.parse().map_err(|_| {
-            ApiError::unauthenticated(
-                "bad_timestamp",
-                format!("{TIMESTAMP_HEADER} is not a whole number of seconds"),
-            )
-        })?;
+        let timestamp =
+            whole_number(header(&parts.headers, TIMESTAMP_HEADER)?, u64::MAX).map_err(|error| {
+                ApiError::unauthenticated(
+                    "bad_timestamp",
+                    format!(
+                        "{TIMESTAMP_HEADER} must be whole seconds since the Unix epoch: {error}"
+                    ),
+                )
+            })?;
         let nonce = parse_nonce(header(&parts.headers, NONCE_HEADER)?)?;
         let signature: Signature =
             header(&parts.headers, SIGNATURE_HEADER)?.parse().map_err(|error| {
@@ -152,11 +156,7 @@ fn parse_nonce(text: &str) -> Result<[u8; 16], ApiError> {
 async fn read_body(body: axum::body::Body, max_body_bytes: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, max_body_bytes).await.map_err(|error| {
         if error.into_inner().is::<http_body_util::LengthLimitError>() {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("the body is larger than {max_body_bytes} bytes"),
-            )
+            ApiError::body_too_large(max_body_bytes)
         } else {
             ApiError::bad_request("unreadable_body", "the body could not be read")
         }

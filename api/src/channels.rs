@@ -1,15 +1,16 @@
 //! Payment channels and settlement.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use ferry_ledger::{ChannelInfo, SettlementOutcome};
-use ferry_proto::{Amount, ChannelId, PublicKey, SignedVoucher};
+use ferry_proto::{Amount, PublicKey, SignedVoucher};
 use serde::{Deserialize, Serialize};
 
 use crate::accounts::AmountBody;
 use crate::auth::Signed;
 use crate::error::ErrorBody;
+use crate::extract::ChannelPath;
 use crate::openapi::SignedErrors;
 use crate::{ApiError, AppState};
 
@@ -48,16 +49,12 @@ pub struct SettleAnswer {
     pub outcomes: Vec<SettlementOutcome>,
 }
 
-fn path_channel(text: &str) -> Result<ChannelId, ApiError> {
-    text.parse().map_err(|error| ApiError::bad_request("invalid_channel", format!("{error}")))
-}
-
 /// `POST /v1/channels`: open a channel from the signer to a relay.
 #[utoipa::path(
     post,
     path = "/v1/channels",
     tag = "channels",
-    params(("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    params(("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,64}$")),
     request_body = OpenBody,
     responses(
         (status = 201, description = "The channel, opened", body = ChannelInfo),
@@ -83,7 +80,7 @@ pub async fn open(
     get,
     path = "/v1/channels/{id}",
     tag = "channels",
-    params(("id" = String, Path, description = "A channel id, 64 lowercase hex digits")),
+    params(ChannelPath),
     responses(
         (status = 200, description = "The channel", body = ChannelInfo),
         (status = 404, description = "unknown_channel", body = ErrorBody),
@@ -93,10 +90,10 @@ pub async fn open(
 )]
 pub async fn read(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ChannelPath(id): ChannelPath,
     signed: Signed,
 ) -> Result<Json<ChannelInfo>, ApiError> {
-    let channel = state.ledger.channel(&path_channel(&id)?).await?;
+    let channel = state.ledger.channel(&id).await?;
     if signed.key != channel.client && signed.key != channel.relay {
         return Err(ApiError::forbidden("only the channel's client and relay may read it"));
     }
@@ -108,7 +105,7 @@ pub async fn read(
     post,
     path = "/v1/channels/{id}/top-ups",
     tag = "channels",
-    params(("id" = String, Path, description = "A channel id, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    params(ChannelPath, ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,64}$")),
     request_body = AmountBody,
     responses(
         (status = 200, description = "The channel, with more escrow", body = ChannelInfo),
@@ -121,12 +118,12 @@ pub async fn read(
 )]
 pub async fn top_up(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ChannelPath(id): ChannelPath,
     signed: Signed,
 ) -> Result<Json<ChannelInfo>, ApiError> {
     let body: AmountBody = signed.json()?;
     let key = signed.idempotency_key()?;
-    Ok(Json(state.ledger.top_up(&key, &signed.key, &path_channel(&id)?, body.amount).await?))
+    Ok(Json(state.ledger.top_up(&key, &signed.key, &id, body.amount).await?))
 }
 
 /// `POST /v1/channels/{id}/close-request`: the client asks to close.
@@ -134,7 +131,7 @@ pub async fn top_up(
     post,
     path = "/v1/channels/{id}/close-request",
     tag = "channels",
-    params(("id" = String, Path, description = "A channel id, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    params(ChannelPath, ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,64}$")),
     responses(
         (status = 200, description = "The channel, closing", body = ChannelInfo),
         (status = 404, description = "unknown_channel", body = ErrorBody),
@@ -145,11 +142,11 @@ pub async fn top_up(
 )]
 pub async fn request_close(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ChannelPath(id): ChannelPath,
     signed: Signed,
 ) -> Result<Json<ChannelInfo>, ApiError> {
     let key = signed.idempotency_key()?;
-    Ok(Json(state.ledger.request_close(&key, &signed.key, &path_channel(&id)?).await?))
+    Ok(Json(state.ledger.request_close(&key, &signed.key, &id).await?))
 }
 
 /// `POST /v1/channels/{id}/finalize`: anyone closes a channel whose dispute
@@ -158,7 +155,7 @@ pub async fn request_close(
     post,
     path = "/v1/channels/{id}/finalize",
     tag = "channels",
-    params(("id" = String, Path, description = "A channel id, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    params(ChannelPath, ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,64}$")),
     responses(
         (status = 200, description = "The channel, closed", body = ChannelInfo),
         (status = 404, description = "unknown_channel", body = ErrorBody),
@@ -169,11 +166,11 @@ pub async fn request_close(
 )]
 pub async fn finalize(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ChannelPath(id): ChannelPath,
     signed: Signed,
 ) -> Result<Json<ChannelInfo>, ApiError> {
     let key = signed.idempotency_key()?;
-    Ok(Json(state.ledger.finalize(&key, &signed.key, &path_channel(&id)?).await?))
+    Ok(Json(state.ledger.finalize(&key, &signed.key, &id).await?))
 }
 
 /// `POST /v1/channels/{id}/relay-close`: the relay closes at once.
@@ -181,7 +178,7 @@ pub async fn finalize(
     post,
     path = "/v1/channels/{id}/relay-close",
     tag = "channels",
-    params(("id" = String, Path, description = "A channel id, 64 lowercase hex digits"), ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    params(ChannelPath, ("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,64}$")),
     request_body = RelayCloseBody,
     responses(
         (status = 200, description = "The channel, closed", body = ChannelInfo),
@@ -194,12 +191,12 @@ pub async fn finalize(
 )]
 pub async fn relay_close(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ChannelPath(id): ChannelPath,
     signed: Signed,
 ) -> Result<Json<ChannelInfo>, ApiError> {
     let body: RelayCloseBody = signed.json()?;
     let key = signed.idempotency_key()?;
-    let channel = path_channel(&id)?;
+    let channel = id;
     let info = state
         .ledger
         .close_by_relay(&key, &signed.key, &channel, body.final_voucher.as_ref())
@@ -212,7 +209,7 @@ pub async fn relay_close(
     post,
     path = "/v1/settlements",
     tag = "channels",
-    params(("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -")),
+    params(("Idempotency-Key" = String, Header, description = "Names the operation for safe retries: 1 to 64 of A-Z a-z 0-9 . _ : -", pattern = "^[A-Za-z0-9._:-]{1,64}$")),
     request_body = SettleBody,
     responses(
         (status = 200, description = "One outcome per voucher, in order", body = SettleAnswer),

@@ -52,6 +52,15 @@ impl ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
     }
 
+    /// 413: the body is larger than the registry reads.
+    pub fn body_too_large(max_body_bytes: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is larger than the maximum of {max_body_bytes} bytes"),
+        )
+    }
+
     /// 403: the signer may not do this.
     pub fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
@@ -111,4 +120,13 @@ impl From<sqlx::Error> for ApiError {
 /// The answer for a path no route serves.
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such resource")
+}
+
+/// The answer for a method a path does not serve (axum adds `Allow`).
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this path does not serve this method",
+    )
 }

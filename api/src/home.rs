@@ -2,14 +2,14 @@
 //! read by anyone who wants to reach it.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use ferry_proto::{PublicKey, SignedHomeRelays};
+use ferry_proto::SignedHomeRelays;
 use serde::Serialize;
 
-use crate::accounts::path_key;
 use crate::auth::Signed;
 use crate::error::ErrorBody;
+use crate::extract::KeyPath;
 use crate::openapi::{PublicErrors, SignedErrors};
 use crate::relays::{self, RelayView};
 use crate::{ApiError, AppState};
@@ -30,7 +30,7 @@ pub struct HomeView {
     put,
     path = "/v1/clients/{key}/home-relays",
     tag = "clients",
-    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    params(KeyPath),
     request_body = SignedHomeRelays,
     responses(
         (status = 200, description = "The published list", body = HomeView),
@@ -42,10 +42,9 @@ pub struct HomeView {
 )]
 pub async fn publish(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    KeyPath(key): KeyPath,
     signed: Signed,
 ) -> Result<Json<HomeView>, ApiError> {
-    let key = path_key(&key)?;
     signed.require(&key)?;
     let home: SignedHomeRelays = signed.json()?;
     if home.home.client != key {
@@ -98,7 +97,7 @@ pub async fn publish(
     get,
     path = "/v1/clients/{key}/home-relays",
     tag = "clients",
-    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    params(KeyPath),
     responses(
         (status = 200, description = "Where the client can be reached", body = HomeView),
         (status = 404, description = "unknown_client", body = ErrorBody),
@@ -107,9 +106,8 @@ pub async fn publish(
 )]
 pub async fn read(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    KeyPath(key): KeyPath,
 ) -> Result<Json<HomeView>, ApiError> {
-    let key: PublicKey = path_key(&key)?;
     let json: serde_json::Value =
         sqlx::query_scalar("SELECT home FROM home_relays WHERE client_key = $1")
             .bind(key.as_bytes().as_slice())

@@ -20,6 +20,7 @@ mod accounts;
 pub mod auth;
 mod channels;
 mod error;
+mod extract;
 mod health;
 mod home;
 mod limit;
@@ -166,6 +167,7 @@ pub fn router(state: AppState) -> Router {
         .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
         .merge(web::routes())
         .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), limit::limit_requests))
         .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .with_state(state)

@@ -1,4 +1,5 @@
-//! Rate limits per client IP and per signing key, and the request timeout.
+//! Rate limits per client IP and per signing key, the declared body size
+//! and the request timeout.
 //!
 //! Limits are kept in each registry instance's memory: a client spread over
 //! `n` instances gets up to `n` times the rate, which bounds load per
@@ -7,10 +8,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::StatusCode;
+use axum::http::header::{CONNECTION, CONTENT_LENGTH};
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
 
 pub use ferry_proto::rate::{MAX_TRACKED_CLIENTS, Rate, RateLimiter};
 
@@ -25,6 +29,26 @@ pub(crate) fn rate_limited(scope: &str, retry_after: Duration) -> ApiError {
     );
     error.retry_after = Some(retry_after);
     error
+}
+
+/// The most of a refused body that is read (and dropped) after its 413.
+pub const MAX_DISCARDED_BODY_BYTES: usize = 16 << 20;
+/// How long a refused body is read (and dropped) after its 413.
+pub const DISCARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads and drops `body`, at most [`MAX_DISCARDED_BODY_BYTES`] within
+/// [`DISCARD_TIMEOUT`]; then the connection closes.
+async fn discard(mut body: Body) {
+    let mut read = 0usize;
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, async {
+        while read < MAX_DISCARDED_BODY_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, |data| data.len()),
+                _ => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// Paths with their own per-IP budget (`Limits::per_ip_operations`), apart
@@ -53,6 +77,21 @@ pub(crate) async fn limit_requests(
             state.metrics.rate_limited(scope);
             return rate_limited("address", retry_after).into_response();
         }
+    }
+    // A body declared larger than the registry reads is refused at once,
+    // not after the request timeout. The body is still read and dropped, up
+    // to a bound, so that a client that is sending it can finish and then
+    // read the answer (many clients give up on a request whose body they
+    // could not write, answer or not).
+    let max_body_bytes = state.config.limits.max_body_bytes;
+    let declared = request.headers().get(CONTENT_LENGTH).and_then(|value| value.to_str().ok());
+    if declared.and_then(|text| text.parse::<u64>().ok()).is_some_and(|length| {
+        usize::try_from(length).map_or(true, |length| length > max_body_bytes)
+    }) {
+        tokio::spawn(discard(request.into_body()));
+        let mut answer = ApiError::body_too_large(max_body_bytes).into_response();
+        answer.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        return answer;
     }
     let timeout = state.config.limits.request_timeout;
     match tokio::time::timeout(timeout, next.run(request)).await {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::http::header::CONTENT_TYPE;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -24,7 +25,7 @@ struct RequestLabels {
     /// The route template, such as `/v1/relays/{key}`, so keys do not
     /// explode the label space; `unmatched` for unknown paths.
     route: String,
-    method: String,
+    method: &'static str,
     status: u16,
 }
 
@@ -136,13 +137,30 @@ impl Metrics {
     }
 }
 
+/// The method as a label: the standard ones by name, any other as `other`,
+/// so that made-up methods cannot create series without bound.
+fn method_label(method: &Method) -> &'static str {
+    let standard = [
+        (Method::GET, "GET"),
+        (Method::HEAD, "HEAD"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    standard.into_iter().find(|(known, _)| known == method).map_or("other", |(_, name)| name)
+}
+
 /// Middleware: counts and times every request by its route template.
 pub(crate) async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let started = Instant::now();
     let response = next.run(request).await;
     let metrics = &state.metrics;

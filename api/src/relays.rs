@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -16,9 +15,9 @@ use serde_json::value::RawValue;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 
-use crate::accounts::path_key;
 use crate::auth::Signed;
 use crate::error::ErrorBody;
+use crate::extract::{KeyPath, StrictQuery};
 use crate::market::Entry;
 use crate::openapi::{PublicErrors, SignedErrors};
 use crate::{ApiError, AppState, CLOCK_SKEW, reputation};
@@ -167,6 +166,8 @@ pub struct ListQuery {
     /// Only relays with at least this reputation score.
     pub min_reputation: Option<f64>,
     /// Only relays in this region.
+    #[serde(default, deserialize_with = "crate::extract::optional_region")]
+    #[param(pattern = "^[a-z0-9-]{1,32}$")]
     pub region: Option<String>,
     /// Only live relays (the default), or all.
     pub live: Option<bool>,
@@ -174,6 +175,8 @@ pub struct ListQuery {
     #[serde(default)]
     pub sort: SortBy,
     /// At most this many relays (1 to 500; default 50).
+    #[serde(default, deserialize_with = "crate::extract::optional_u32")]
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// Where the previous page ended.
     pub cursor: Option<String>,
@@ -208,7 +211,7 @@ pub(crate) fn issued_at_ms(issued_at_ms: u64) -> Result<i64, ApiError> {
     put,
     path = "/v1/relays/{key}/advert",
     tag = "relays",
-    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    params(KeyPath),
     request_body = SignedAdvert,
     responses(
         (status = 200, description = "The relay as listed", body = RelayView),
@@ -220,10 +223,9 @@ pub(crate) fn issued_at_ms(issued_at_ms: u64) -> Result<i64, ApiError> {
 )]
 pub async fn publish(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    KeyPath(key): KeyPath,
     signed: Signed,
 ) -> Result<Json<RelayView>, ApiError> {
-    let key = path_key(&key)?;
     signed.require(&key)?;
     let advert: SignedAdvert = signed.json()?;
     if advert.advert.relay != key {
@@ -271,7 +273,7 @@ pub async fn publish(
     post,
     path = "/v1/relays/{key}/heartbeats",
     tag = "relays",
-    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    params(KeyPath),
     request_body = HeartbeatBody,
     responses(
         (status = 200, description = "The relay as listed", body = RelayView),
@@ -282,10 +284,9 @@ pub async fn publish(
 )]
 pub async fn heartbeat(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    KeyPath(key): KeyPath,
     signed: Signed,
 ) -> Result<Json<RelayView>, ApiError> {
-    let key = path_key(&key)?;
     signed.require(&key)?;
     let body: HeartbeatBody = signed.json()?;
     let (load_now, sessions) = (
@@ -329,10 +330,8 @@ pub async fn heartbeat(
 )]
 pub async fn list(
     State(state): State<AppState>,
-    query: Result<Query<ListQuery>, QueryRejection>,
+    StrictQuery(query): StrictQuery<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|error| ApiError::bad_request("invalid_query", error.body_text()))?;
     let limit = query.limit.unwrap_or(DEFAULT_RELAY_PAGE);
     if limit == 0 || limit > MAX_RELAY_PAGE {
         return Err(ApiError::bad_request(
@@ -373,7 +372,7 @@ pub async fn list(
     get,
     path = "/v1/relays/{key}",
     tag = "relays",
-    params(("key" = String, Path, description = "A public key, 64 lowercase hex digits")),
+    params(KeyPath),
     responses(
         (status = 200, description = "The relay, its reputation components and uptime history", body = RelayDetail),
         (status = 404, description = "unknown_relay", body = ErrorBody),
@@ -382,9 +381,8 @@ pub async fn list(
 )]
 pub async fn detail(
     State(state): State<AppState>,
-    Path(key): Path<String>,
+    KeyPath(key): KeyPath,
 ) -> Result<Json<RelayDetail>, ApiError> {
-    let key = path_key(&key)?;
     let relay = load(&state, &key).await?;
     let rows: Vec<(DateTime<Utc>, i64)> = sqlx::query_as(
         "SELECT date_trunc('hour', minute) AS hour, count(*) FROM relay_uptime \

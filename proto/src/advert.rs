@@ -30,6 +30,15 @@ pub enum AdvertError {
     Signature(#[from] SignatureError),
 }
 
+/// Checks a region name: 1 to [`MAX_REGION_LEN`] characters of `a-z`, `0-9`
+/// and `-`. The one rule for an advert's region and a listing's filter.
+pub fn check_region(region: &str) -> Result<(), AdvertError> {
+    let region_ok = !region.is_empty()
+        && region.len() <= MAX_REGION_LEN
+        && region.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'));
+    if region_ok { Ok(()) } else { Err(AdvertError::Region) }
+}
+
 /// What a relay offers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -48,6 +57,7 @@ pub struct RelayAdvert {
     /// Where the relay is, e.g. `eu-west`.
     pub region: String,
     /// The relay protocol version it speaks.
+    #[cfg_attr(feature = "openapi", schema(maximum = 65535))]
     pub protocol_version: u16,
     /// When the advertisement was made, in milliseconds since the Unix epoch;
     /// a newer one replaces an older one, never the reverse.
@@ -60,13 +70,7 @@ impl RelayAdvert {
         if !is_valid_address(&self.address) {
             return Err(AdvertError::Address);
         }
-        let region_ok = !self.region.is_empty()
-            && self.region.len() <= MAX_REGION_LEN
-            && self.region.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'-'));
-        if !region_ok {
-            return Err(AdvertError::Region);
-        }
-        Ok(())
+        check_region(&self.region)
     }
 
     /// The exact bytes that are signed: `tag ‖ relay[32] ‖ u16 len ‖ address ‖
@@ -96,6 +100,7 @@ impl RelayAdvert {
 /// An advertisement with its relay's signature.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
 pub struct SignedAdvert {
     /// The offer.
     pub advert: RelayAdvert,

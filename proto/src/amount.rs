@@ -42,9 +42,12 @@ pub enum AmountError {
         /// How many fraction digits the input had.
         digits: u32,
     },
-    /// Above [`MAX_AMOUNT`] (or, for a price, above one unit per byte).
+    /// Above [`MAX_AMOUNT`].
     #[error("amount is larger than the maximum of {MAX_AMOUNT}")]
     TooLarge,
+    /// A price above one unit per byte.
+    #[error("price is larger than the maximum of 1 per byte")]
+    PriceTooLarge,
     /// Not a plain decimal number such as `12` or `0.000125`.
     #[error("not a decimal number: {0:?} (expected digits with an optional '.' and fraction)")]
     Malformed(String),
@@ -232,7 +235,7 @@ impl PricePerByte {
     /// The price of `attos` (10^-18 units) per byte.
     pub fn from_attos(attos: u128) -> Result<PricePerByte, AmountError> {
         if attos > MAX_PRICE_ATTOS {
-            return Err(AmountError::TooLarge);
+            return Err(AmountError::PriceTooLarge);
         }
         Ok(PricePerByte { attos })
     }
@@ -258,7 +261,16 @@ impl TryFrom<Decimal> for PricePerByte {
     type Error = AmountError;
 
     fn try_from(value: Decimal) -> Result<PricePerByte, AmountError> {
-        attos_from_decimal(value).and_then(PricePerByte::from_attos)
+        attos_from_decimal(value).map_err(price_error).and_then(PricePerByte::from_attos)
+    }
+}
+
+/// A number too large for any amount is, as a price, above the price's
+/// maximum: the error names the bound the caller broke.
+fn price_error(error: AmountError) -> AmountError {
+    match error {
+        AmountError::TooLarge => AmountError::PriceTooLarge,
+        other => other,
     }
 }
 
@@ -266,7 +278,7 @@ impl FromStr for PricePerByte {
     type Err = AmountError;
 
     fn from_str(text: &str) -> Result<PricePerByte, AmountError> {
-        parse_attos(text).and_then(PricePerByte::from_attos)
+        parse_attos(text).map_err(price_error).and_then(PricePerByte::from_attos)
     }
 }
 
@@ -428,7 +440,11 @@ mod tests {
         assert_eq!(price.per_gib().to_string(), "0.0536870912");
         let dear = PricePerByte::from_attos(MAX_PRICE_ATTOS).unwrap();
         assert_eq!(cost(u64::MAX, dear), Err(AmountError::TooLarge));
-        assert_eq!("1.5".parse::<PricePerByte>(), Err(AmountError::TooLarge));
+        assert_eq!("1.5".parse::<PricePerByte>(), Err(AmountError::PriceTooLarge));
+        assert_eq!(
+            "99999999999999999999999999".parse::<PricePerByte>(),
+            Err(AmountError::PriceTooLarge)
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod wire;
 
 pub use advert::{
     ADVERT_TAG, AdvertError, MAX_ADDRESS_LEN, MAX_REGION_LEN, PROTOCOL_VERSION, RelayAdvert,
-    SignedAdvert,
+    SignedAdvert, check_region,
 };
 pub use amount::{
     AMOUNT_SCALE, Amount, AmountError, BYTES_PER_GIB, Balance, MAX_AMOUNT, PricePerByte, cost,

@@ -106,10 +106,12 @@ serde_via_str!(ChannelId, "a channel id as 64 lowercase hex digits", "^[0-9a-f]{
 /// voucher can never make a client pay twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
 pub struct Voucher {
     /// The channel this voucher pays on.
     pub channel: ChannelId,
     /// Strictly increasing per channel; the ledger only accepts a higher one.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 9_223_372_036_854_775_807_i64))]
     pub sequence: u64,
     /// Everything the client owes the relay on this channel, so far.
     pub cumulative: Amount,
@@ -155,14 +157,36 @@ impl Voucher {
 
 /// A voucher with its client's signature. Holding one proves nothing until
 /// [`SignedVoucher::verify`] succeeds against the channel's client key.
+///
+/// Its JSON form is the voucher's fields and the signature in one object;
+/// any other field is refused, like everywhere else in ferry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(from = "FlatSignedVoucher")]
 pub struct SignedVoucher {
     /// What is promised.
     #[serde(flatten)]
     pub voucher: Voucher,
     /// The client's signature over [`Voucher::signing_bytes`].
     pub signature: Signature,
+}
+
+/// The JSON form of a [`SignedVoucher`], read field by field: serde cannot
+/// refuse unknown fields through `flatten`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlatSignedVoucher {
+    channel: ChannelId,
+    sequence: u64,
+    cumulative: Amount,
+    signature: Signature,
+}
+
+impl From<FlatSignedVoucher> for SignedVoucher {
+    fn from(flat: FlatSignedVoucher) -> SignedVoucher {
+        let FlatSignedVoucher { channel, sequence, cumulative, signature } = flat;
+        SignedVoucher { voucher: Voucher { channel, sequence, cumulative }, signature }
+    }
 }
 
 impl SignedVoucher {
@@ -286,6 +310,18 @@ mod tests {
         fn json_form_round_trips((_client, signed) in arb_signed_voucher()) {
             let json = serde_json::to_string(&signed).unwrap();
             prop_assert_eq!(serde_json::from_str::<SignedVoucher>(&json).unwrap(), signed);
+        }
+
+        #[test]
+        fn json_with_an_unknown_field_is_refused(
+            (_client, signed) in arb_signed_voucher(),
+            name in "[a-z_]{1,12}",
+        ) {
+            prop_assume!(!["channel", "sequence", "cumulative", "signature"].contains(&name.as_str()));
+            let mut json = serde_json::to_value(signed).unwrap();
+            json[&name] = serde_json::Value::from(1);
+            let error = serde_json::from_value::<SignedVoucher>(json).unwrap_err();
+            prop_assert!(error.to_string().contains("unknown field"), "{}", error);
         }
 
         #[test]
