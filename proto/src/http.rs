@@ -7,10 +7,9 @@
 //! never finished and a kept-alive connection that sends nothing more, since
 //! its timer starts whenever the connection waits for the next request's head.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -22,9 +21,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
-/// How long accepting pauses after an error such as running out of file
-/// descriptors, so the connections that hold them can finish.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+use crate::admission::{ACCEPT_ERROR_PAUSE, Admission};
+pub use crate::admission::{ConnectionObserver, Refusal};
+
 /// Refusals being written at once; beyond it a refused connection is closed
 /// without an answer.
 pub const MAX_REFUSALS_IN_FLIGHT: usize = 64;
@@ -58,100 +57,6 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Why a connection was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The server holds `max_connections`.
-    Total,
-    /// The client's address holds `max_connections_per_ip`.
-    PerIp,
-}
-
-impl Refusal {
-    /// The name used in metrics and messages.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::Total => "total",
-            Refusal::PerIp => "per_ip",
-        }
-    }
-}
-
-/// What a server reports about its connections, for its metrics.
-pub trait ConnectionObserver: Send + Sync + 'static {
-    /// A connection was admitted; `open` are open now.
-    fn opened(&self, open: usize);
-    /// A connection ended; `open` are open now.
-    fn closed(&self, open: usize);
-    /// A connection was refused.
-    fn refused(&self, why: Refusal);
-}
-
-/// Reports nothing: for a server whose connections have no metrics.
-impl ConnectionObserver for () {
-    fn opened(&self, _open: usize) {}
-    fn closed(&self, _open: usize) {}
-    fn refused(&self, _why: Refusal) {}
-}
-
-/// Counts open connections, in total and per address.
-#[derive(Debug)]
-struct Admission {
-    limits: ConnectionLimits,
-    open: Mutex<Open>,
-}
-
-#[derive(Debug, Default)]
-struct Open {
-    total: usize,
-    // Holds only addresses with open connections, so at most
-    // `max_connections` entries.
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-impl Admission {
-    fn admit(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        observer: &Arc<dyn ConnectionObserver>,
-    ) -> Result<Admitted, Refusal> {
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        if open.total >= self.limits.max_connections {
-            return Err(Refusal::Total);
-        }
-        let of_ip = open.per_ip.entry(ip).or_insert(0);
-        if *of_ip >= self.limits.max_connections_per_ip {
-            return Err(Refusal::PerIp);
-        }
-        *of_ip += 1;
-        open.total += 1;
-        observer.opened(open.total);
-        Ok(Admitted { admission: Arc::clone(self), ip, observer: Arc::clone(observer) })
-    }
-}
-
-/// One admitted connection; dropping it (however its task ends) frees its
-/// place.
-struct Admitted {
-    admission: Arc<Admission>,
-    ip: IpAddr,
-    observer: Arc<dyn ConnectionObserver>,
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut open = self.admission.open.lock().unwrap_or_else(PoisonError::into_inner);
-        open.total -= 1;
-        if let Some(of_ip) = open.per_ip.get_mut(&self.ip) {
-            *of_ip -= 1;
-            if *of_ip == 0 {
-                open.per_ip.remove(&self.ip);
-            }
-        }
-        self.observer.closed(open.total);
-    }
-}
-
 /// Serves `app` on `listener` within `limits` until `shutdown` completes,
 /// then lets the requests in flight finish (at most `shutdown_grace`).
 /// Handlers see the client's address as `ConnectInfo<SocketAddr>`.
@@ -162,7 +67,7 @@ pub async fn serve(
     observer: Arc<dyn ConnectionObserver>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let admission = Arc::new(Admission { limits, open: Mutex::default() });
+    let admission = Admission::new(limits.max_connections, limits.max_connections_per_ip, observer);
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -180,10 +85,9 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let admitted = match admission.admit(peer.ip(), &observer) {
+        let admitted = match admission.admit(peer.ip()) {
             Ok(admitted) => admitted,
             Err(why) => {
-                observer.refused(why);
                 if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
                     tokio::spawn(async move {
                         refuse(stream, why).await;

@@ -6,6 +6,7 @@
 //! `docs/PROTOCOL.md`, and `tests/vectors.rs` holds the test vectors that a
 //! client written in another language can check itself against.
 
+pub mod admission;
 mod advert;
 mod amount;
 mod home;

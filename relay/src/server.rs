@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_client::{RegistryClient, RegistryError};
+use ferry_proto::admission::{ACCEPT_ERROR_PAUSE, Admission};
 use ferry_proto::wire::io::{ReadError, read_frame, write_frame};
 use ferry_proto::wire::{CloseReason, Frame, WIRE_VERSION, transcript};
 use ferry_proto::{PricePerByte, PublicKey, SecretKey};
@@ -24,10 +25,6 @@ use crate::session::Session;
 use crate::store::VoucherStore;
 use crate::tunnel::Pending;
 use crate::{SettleReport, debts, market, session, settle, tunnel};
-
-/// How long to pause accepting after the listener fails (for example when
-/// the process is out of file descriptors), so the loop does not spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// A running relay.
 #[derive(Debug, Clone)]
@@ -52,7 +49,9 @@ pub(crate) struct Shared {
     pub(crate) pending: Mutex<HashMap<u64, Pending>>,
     pub(crate) next_tunnel: AtomicU64,
     pub(crate) tunnels: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Connections open per client address, at most
+    /// `limits.connections_per_ip` each.
+    admission: Arc<Admission>,
     price: Mutex<PricePerByte>,
     /// When the last advertisement was issued, in ms since the Unix epoch.
     pub(crate) last_advert_ms: AtomicU64,
@@ -82,6 +81,9 @@ impl Relay {
         let price = config.price_per_byte;
         let (shutdown, _) = watch::channel(false);
         let lookups = Lookups::new(&config.limits);
+        // The relay bounds connections per address here; sessions and
+        // tunnels have their own bounds in total.
+        let admission = Admission::new(usize::MAX, config.limits.connections_per_ip, Arc::new(()));
         Relay {
             shared: Arc::new(Shared {
                 config,
@@ -96,7 +98,7 @@ impl Relay {
                 pending: Mutex::default(),
                 next_tunnel: AtomicU64::new(1),
                 tunnels: AtomicUsize::new(0),
-                per_ip: Mutex::default(),
+                admission,
                 price: Mutex::new(price),
                 last_advert_ms: AtomicU64::new(0),
                 settled: settle::Settled::default(),
@@ -152,7 +154,7 @@ impl Relay {
                     }
                 },
             };
-            let Some(slot) = IpSlot::take(&self.shared, peer) else {
+            let Ok(slot) = self.shared.admission.admit(peer.ip()) else {
                 self.shared.metrics.refused("connections_per_ip");
                 continue;
             };
@@ -197,36 +199,6 @@ impl Shared {
 
     pub(crate) fn session(&self, key: &PublicKey) -> Option<Arc<Session>> {
         lock(&self.sessions).get(key).cloned()
-    }
-}
-
-/// One connection's place in its IP address's count.
-struct IpSlot {
-    shared: Arc<Shared>,
-    ip: IpAddr,
-}
-
-impl IpSlot {
-    fn take(shared: &Arc<Shared>, peer: SocketAddr) -> Option<IpSlot> {
-        let mut counts = lock(&shared.per_ip);
-        let count = counts.entry(peer.ip()).or_insert(0);
-        if *count >= shared.config.limits.connections_per_ip {
-            return None;
-        }
-        *count += 1;
-        Some(IpSlot { shared: Arc::clone(shared), ip: peer.ip() })
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut counts = lock(&self.shared.per_ip);
-        if let Some(count) = counts.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.ip);
-            }
-        }
     }
 }
 
