@@ -25,9 +25,7 @@ use std::time::{Duration, Instant};
 use ferry_client::RegistryClient;
 use ferry_client::relay::{self, Event, Payer, RelayAddress, RelayError, Session};
 use ferry_proto::wire::io::{read_frame, write_frame};
-use ferry_proto::wire::{
-    CloseReason, Frame, ListenPolicy, VoucherVerdict, WIRE_VERSION, transcript,
-};
+use ferry_proto::wire::{CloseReason, Frame, ListenPolicy, VoucherVerdict};
 use ferry_proto::{Amount, ChannelId, PublicKey, SecretKey, SignedVoucher, Voucher};
 use process::{Process, WAIT, relay_address, relay_args, signal_and_wait, spawn};
 use sqlx::ConnectOptions;
@@ -937,16 +935,7 @@ async fn stranger(
     socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
     let mut stream = socket.connect(relay.address.parse().unwrap()).await.unwrap();
     let nonce: [u8; 32] = *blake3::hash(channel.to_string().as_bytes()).as_bytes();
-    let hello = Frame::ClientHello { version: WIRE_VERSION, client: me.public(), nonce };
-    write_frame(&mut stream, &hello).await.unwrap();
-    let Frame::RelayHello { version, relay: key, nonce: relay_nonce, .. } =
-        read_frame(&mut stream).await.unwrap()
-    else {
-        panic!("expected a RelayHello")
-    };
-    assert_eq!(key, relay.key);
-    let signed = transcript(b'C', version, &me.public(), &nonce, &key, &relay_nonce);
-    write_frame(&mut stream, &Frame::ClientAuth { signature: me.sign(&signed) }).await.unwrap();
+    process::authenticate(&mut stream, relay, me, nonce).await;
     write_frame(&mut stream, &Frame::OpenSession { channel: Some(channel) }).await.unwrap();
     match read_frame(&mut stream).await.unwrap() {
         Frame::Close { reason, message } => (reason, message),

@@ -6,13 +6,14 @@
 
 #[path = "../relay/tests/common/mod.rs"]
 mod common;
+mod process;
 
 use std::sync::Arc;
 
 use common::{Registry, RunningRelay, WAIT, key, store_dir};
 use ferry_client::relay::{self, Event, Payer, RelayAddress, Session};
 use ferry_proto::wire::io::{read_frame, write_frame};
-use ferry_proto::wire::{Frame, ListenPolicy, WIRE_VERSION, transcript};
+use ferry_proto::wire::{Frame, ListenPolicy};
 use ferry_proto::{PublicKey, SecretKey};
 use tokio::net::TcpStream;
 
@@ -24,17 +25,7 @@ const ROUNDS: usize = 100;
 async fn authenticated(relay: &RelayAddress, me: &SecretKey) -> TcpStream {
     let mut stream = TcpStream::connect(&relay.address).await.unwrap();
     stream.set_nodelay(true).unwrap();
-    let nonce = [3u8; 32];
-    let hello = Frame::ClientHello { version: WIRE_VERSION, client: me.public(), nonce };
-    write_frame(&mut stream, &hello).await.unwrap();
-    let Frame::RelayHello { version, relay: key, nonce: relay_nonce, .. } =
-        read_frame(&mut stream).await.unwrap()
-    else {
-        panic!("expected a RelayHello")
-    };
-    assert_eq!(key, relay.key);
-    let signed = transcript(b'C', version, &me.public(), &nonce, &key, &relay_nonce);
-    write_frame(&mut stream, &Frame::ClientAuth { signature: me.sign(&signed) }).await.unwrap();
+    process::authenticate(&mut stream, relay, me, [3u8; 32]).await;
     stream
 }
 

@@ -125,3 +125,26 @@ pub fn relay_address(line: &str) -> RelayAddress {
     assert_eq!((words[0], words[2], words[3]), ("relay", "listening", "on"), "{line}");
     RelayAddress { key: words[1].parse().unwrap(), address: words[4].to_owned() }
 }
+
+/// The client's side of the relay handshake on `stream`, as `me` with
+/// `nonce`, checking that the relay proves `relay.key`; the purpose frame
+/// (OpenSession, Dial) is the caller's to send.
+pub async fn authenticate(
+    stream: &mut tokio::net::TcpStream,
+    relay: &RelayAddress,
+    me: &ferry_proto::SecretKey,
+    nonce: [u8; 32],
+) {
+    use ferry_proto::wire::io::{read_frame, write_frame};
+    use ferry_proto::wire::{Frame, WIRE_VERSION, transcript};
+    let hello = Frame::ClientHello { version: WIRE_VERSION, client: me.public(), nonce };
+    write_frame(stream, &hello).await.unwrap();
+    let Frame::RelayHello { version, relay: key, nonce: relay_nonce, .. } =
+        read_frame(stream).await.unwrap()
+    else {
+        panic!("expected a RelayHello")
+    };
+    assert_eq!(key, relay.key);
+    let signed = transcript(b'C', version, &me.public(), &nonce, &key, &relay_nonce);
+    write_frame(stream, &Frame::ClientAuth { signature: me.sign(&signed) }).await.unwrap();
+}
