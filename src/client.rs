@@ -28,9 +28,13 @@ const COPY_BUFFER_BYTES: usize = 64 << 10;
 /// Who this client is and which registry it talks to.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// The registry's URL.
+    /// The registry's URL: https://, or http:// on this machine.
     #[arg(long, env = "FERRY_REGISTRY", default_value = "http://127.0.0.1:7070")]
     registry: String,
+    /// Trust only the CA certificates in this PEM file for the registry's
+    /// TLS (a private registry's own CA) instead of the system's roots.
+    #[arg(long, env = "FERRY_REGISTRY_CA")]
+    registry_ca: Option<PathBuf>,
     /// This client's key file, created on first use.
     #[arg(long, env = "FERRY_KEY", default_value = "ferry.key")]
     key: PathBuf,
@@ -269,7 +273,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
         SecretKey::read_or_create_file(&args.key)
             .with_context(|| format!("key file {}", args.key.display()))?
     };
-    let registry = RegistryClient::new(&args.registry, key, RegistryClient::http()?);
+    let registry = crate::registry::client(&args.registry, args.registry_ca.as_deref(), key)?;
     let cx = Client { registry, json: args.json };
     let result = match command {
         ClientCommand::Relays { sort, all, policy, .. } => relays(&cx, sort, all, &policy).await,
@@ -301,6 +305,11 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
 /// Adds what to do to the errors people meet first.
 fn explain(error: anyhow::Error, registry: &str) -> anyhow::Error {
     let text = format!("{error:#}");
+    if text.contains("invalid peer certificate") {
+        return error.context(format!(
+            "the registry at {registry} presented a certificate this client does not trust: check the URL's host name, or pass --registry-ca FILE with the registry's CA"
+        ));
+    }
     if text.contains("error sending request") || text.contains("Connection refused") {
         return error.context(format!(
             "cannot reach the registry at {registry}; start one (`ferry registry`) or pass --registry URL"
@@ -465,7 +474,7 @@ async fn deposit(
     let mut nonce = [0u8; 8];
     getrandom::fill(&mut nonce).map_err(|error| anyhow::anyhow!("no randomness: {error}"))?;
     let idempotency = format!("cli-deposit-{}", hex::encode(nonce));
-    let as_operator = RegistryClient::new(cx.registry.base(), operator, RegistryClient::http()?);
+    let as_operator = cx.registry.acting_for(operator);
     let answer = as_operator.deposit(&holder, amount, &idempotency).await?;
     if cx.json {
         return print_json(&answer);

@@ -103,6 +103,7 @@ async fn market(
             operator: operator.public(),
             limits: ferry_api::Limits::default(),
             probe_interval: Some(DEMO_PROBE_INTERVAL),
+            transport: ferry_api::Transport::default(),
         },
     );
     let (stop_registry, registry_stopped) = tokio::sync::oneshot::channel::<()>();

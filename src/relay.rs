@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use ferry_client::RegistryClient;
 use ferry_proto::{PricePerByte, SecretKey};
 use ferry_relay::{DataDir, PricingPolicy, Relay, RelayConfig};
 use serde::Deserialize;
@@ -30,9 +29,13 @@ pub struct RelayArgs {
     /// The address clients are told to connect to [default: the listen address].
     #[arg(long, env = "FERRY_RELAY_PUBLIC_ADDRESS")]
     pub public_address: Option<String>,
-    /// The registry's URL.
+    /// The registry's URL: https://, or http:// on this machine.
     #[arg(long, env = "FERRY_REGISTRY")]
     pub registry: Option<String>,
+    /// Trust only the CA certificates in this PEM file for the registry's
+    /// TLS (a private registry's own CA) instead of the system's roots.
+    #[arg(long, env = "FERRY_REGISTRY_CA")]
+    pub registry_ca: Option<PathBuf>,
     /// The relay's key file, created on first start [default: ferry-relay.key].
     #[arg(long, env = "FERRY_RELAY_KEY")]
     pub key: Option<PathBuf>,
@@ -94,6 +97,7 @@ impl RelayArgs {
             listen: self.listen.or(file.listen),
             public_address: self.public_address.or(file.public_address),
             registry: self.registry.or(file.registry),
+            registry_ca: self.registry_ca.or(file.registry_ca),
             key: self.key.or(file.key),
             data_dir: self.data_dir.or(file.data_dir),
             region: self.region.or(file.region),
@@ -168,8 +172,9 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     }
     let data_dir = args.data_dir.unwrap_or_else(|| PathBuf::from("ferry-relay-data"));
     let data = DataDir::open(&data_dir)?;
-    let http = RegistryClient::http()?;
-    let relay = Relay::new(config, key.clone(), RegistryClient::new(&registry, key, http), data);
+    let registry_client =
+        crate::registry::client(&registry, args.registry_ca.as_deref(), key.clone())?;
+    let relay = Relay::new(config, key.clone(), registry_client, data);
     relay
         .register()
         .await

@@ -41,7 +41,7 @@ use std::time::Duration;
 use axum::{Router, middleware};
 use ferry_ledger::Ledger;
 use ferry_proto::PublicKey;
-pub use ferry_proto::http::ConnectionLimits;
+pub use ferry_proto::http::{ConnectionLimits, Transport};
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -101,6 +101,8 @@ pub struct RegistryConfig {
     pub limits: Limits,
     /// How often the registry probes every relay (none: never).
     pub probe_interval: Option<Duration>,
+    /// TLS, and the proxies trusted to name the client (docs/OPERATING.md).
+    pub transport: Transport,
 }
 
 /// What every handler shares.
@@ -184,9 +186,11 @@ pub async fn serve(
     let prober =
         state.config.probe_interval.map(|every| tokio::spawn(probe::run(state.clone(), every)));
     let limits = state.config.limits.connections;
+    let transport = state.config.transport.clone();
     let observer = Arc::new(state.metrics.clone());
     let served =
-        ferry_proto::http::serve(listener, router(state), limits, observer, shutdown).await;
+        ferry_proto::http::serve(listener, router(state), limits, transport, observer, shutdown)
+            .await;
     pruner.abort();
     if let Some(prober) = prober {
         prober.abort();

@@ -5,15 +5,15 @@
 //! `n` instances gets up to `n` times the rate, which bounds load per
 //! instance, the thing the limits protect.
 
-use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::header::{CONNECTION, CONTENT_LENGTH};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use ferry_proto::http::ClientIp;
 use http_body_util::BodyExt;
 
 pub use ferry_proto::rate::{MAX_TRACKED_CLIENTS, Rate, RateLimiter};
@@ -58,16 +58,16 @@ async fn discard(mut body: Body) {
 /// limit, while a flood of them stays bounded.
 const OPERATIONS_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
-/// Middleware: the per-IP rate limit and the request timeout. A request
-/// served without connection info (not through [`crate::serve`]) has no IP
-/// and only the timeout applies.
+/// Middleware: the per-IP rate limit and the request timeout. The IP is the
+/// client's as [`ferry_proto::http::serve`] found it (behind a trusted proxy,
+/// the forwarded one); a request served otherwise has none, and only the
+/// timeout applies.
 pub(crate) async fn limit_requests(
     State(state): State<AppState>,
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
-        let ip: IpAddr = peer.ip();
+    if let Some(&ClientIp(ip)) = request.extensions().get::<ClientIp>() {
         let (limiter, scope) = if OPERATIONS_PATHS.contains(&request.uri().path()) {
             (&state.limits.per_ip_operations, "ip_operations")
         } else {

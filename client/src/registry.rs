@@ -2,6 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ferry_proto::tls::rustls::pki_types::CertificateDer;
 use ferry_proto::{
     Amount, ChannelId, KEY_HEADER, NONCE_HEADER, PublicKey, SIGNATURE_HEADER, SecretKey,
     SignedAdvert, SignedHomeRelays, SignedRequest, SignedVoucher, TIMESTAMP_HEADER,
@@ -33,6 +34,9 @@ pub enum RegistryError {
     /// The registry's answer is not what this client expects.
     #[error("unexpected answer from the registry: {0}")]
     Unexpected(String),
+    /// The TLS configuration could not be built (an unusable CA file).
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[from] ferry_proto::tls::TlsError),
     /// The request could not be prepared (no randomness for a nonce, or a
     /// body that does not serialise).
     #[error("cannot prepare the request: {0}")]
@@ -80,9 +84,29 @@ impl RegistryClient {
         RegistryClient { base: base.trim_end_matches('/').to_owned(), http, key }
     }
 
-    /// An HTTP client with the registry request timeout.
+    /// This registry, reached over the same connections and trust, acting
+    /// for `key`.
+    pub fn acting_for(&self, key: SecretKey) -> RegistryClient {
+        RegistryClient { base: self.base.clone(), http: self.http.clone(), key }
+    }
+
+    /// An HTTP client with the registry request timeout, for `http://`
+    /// and `https://` registries; over TLS it trusts the system's roots.
     pub fn http() -> Result<reqwest::Client, RegistryError> {
-        Ok(reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build()?)
+        RegistryClient::http_trusting(None)
+    }
+
+    /// An HTTP client with the registry request timeout that, over TLS,
+    /// trusts only `pinned_roots` when they are given (a private registry's
+    /// own CA), the system's roots otherwise.
+    pub fn http_trusting(
+        pinned_roots: Option<Vec<CertificateDer<'static>>>,
+    ) -> Result<reqwest::Client, RegistryError> {
+        let tls = ferry_proto::tls::client_config(pinned_roots)?;
+        Ok(reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .tls_backend_preconfigured(tls)
+            .build()?)
     }
 
     /// Sends a request signed by this client's key and returns the JSON

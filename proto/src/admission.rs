@@ -93,10 +93,24 @@ impl Admission {
 
     /// A place for one more connection from `ip`, or why there is none.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refusal> {
+        self.admit_within(ip, self.max_connections_per_ip)
+    }
+
+    /// A place for one more connection from the trusted proxy at `ip`,
+    /// bounded only by the total: its connections carry many clients'.
+    pub fn admit_proxy(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refusal> {
+        self.admit_within(ip, usize::MAX)
+    }
+
+    fn admit_within(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        max_connections_of_ip: usize,
+    ) -> Result<Admitted, Refusal> {
         let mut open = self.lock();
         let refused = if open.total >= self.max_connections {
             Some(Refusal::Total)
-        } else if open.per_ip.get(&ip).is_some_and(|of_ip| *of_ip >= self.max_connections_per_ip) {
+        } else if open.per_ip.get(&ip).is_some_and(|of_ip| *of_ip >= max_connections_of_ip) {
             Some(Refusal::PerIp)
         } else {
             None
@@ -155,5 +169,15 @@ mod tests {
         drop(first);
         let _again = admission.admit(a).unwrap();
         assert_eq!(admission.lock().per_ip.len(), 2);
+    }
+
+    #[test]
+    fn a_trusted_proxy_is_bounded_only_by_the_total() {
+        let admission = Admission::new(3, 1, Arc::new(()));
+        let proxy: IpAddr = "10.0.0.9".parse().unwrap();
+        let held: Vec<Admitted> = (0..3).map(|_| admission.admit_proxy(proxy).unwrap()).collect();
+        assert_eq!(admission.admit_proxy(proxy).unwrap_err(), Refusal::Total);
+        drop(held);
+        assert_eq!(admission.lock().total, 0);
     }
 }

@@ -16,6 +16,8 @@ mod keys;
 pub mod rate;
 mod request;
 mod serde_str;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod voucher;
 pub mod wire;
 

@@ -205,7 +205,15 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(render))
         .with_state(metrics);
-    ferry_proto::http::serve(listener, app, METRICS_CONNECTIONS, Arc::new(()), shutdown).await
+    ferry_proto::http::serve(
+        listener,
+        app,
+        METRICS_CONNECTIONS,
+        ferry_proto::http::Transport::default(),
+        Arc::new(()),
+        shutdown,
+    )
+    .await
 }
 
 /// The metrics port is for the operator's monitoring: a few connections,

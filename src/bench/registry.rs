@@ -68,7 +68,12 @@ pub(super) async fn bench_registry(ledger: &Ledger) -> anyhow::Result<Served> {
     let off = Rate { per_sec: 0, burst: 0 };
     let limits = Limits { per_ip: off, per_key: off, ..Limits::default() };
     let operator = SecretKey::generate()?;
-    let config = RegistryConfig { operator: operator.public(), limits, probe_interval: None };
+    let config = RegistryConfig {
+        operator: operator.public(),
+        limits,
+        probe_interval: None,
+        transport: ferry_api::Transport::default(),
+    };
     serve_registry(AppState::new(ledger.clone(), config)).await
 }
 
@@ -90,9 +95,17 @@ async fn serve_trivial() -> anyhow::Result<Served> {
     let app = Router::new().route("/trivial", get(|| async { Json(serde_json::json!({"ok": 1})) }));
     let (stop, stopped) = oneshot::channel::<()>();
     let limits = Limits::default().connections;
-    let task = tokio::spawn(ferry_proto::http::serve(listener, app, limits, Arc::new(()), async {
-        let _ = stopped.await;
-    }));
+    let transport = ferry_proto::http::Transport::default();
+    let task = tokio::spawn(ferry_proto::http::serve(
+        listener,
+        app,
+        limits,
+        transport,
+        Arc::new(()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     Ok(Served { base, stop, task })
 }
 

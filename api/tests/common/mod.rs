@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_api::{AppState, Limits, RegistryConfig};
+use ferry_api::{AppState, Limits, RegistryConfig, Transport};
 use ferry_ledger::{Ledger, LedgerConfig};
 use ferry_proto::{
     KEY_HEADER, NONCE_HEADER, SIGNATURE_HEADER, SecretKey, SignedRequest, TIMESTAMP_HEADER,
@@ -40,24 +40,43 @@ impl Registry {
 
     /// A registry over a fresh database, with these limits.
     pub async fn start_with(limits: Limits) -> Registry {
+        Registry::start_serving(limits, Transport::default()).await
+    }
+
+    /// A registry over a fresh database, with these limits, reached this
+    /// way; over TLS its base URL names `localhost`.
+    pub async fn start_serving(limits: Limits, transport: Transport) -> Registry {
         let options = ferry_ledger::testing::fresh_database().await.unwrap();
-        Registry::start_on_with(options, limits).await
+        Registry::start_on_with(options, limits, transport).await
     }
 
     /// A registry over the database at `options` (a second instance shares it).
     pub async fn start_on(options: sqlx::postgres::PgConnectOptions) -> Registry {
-        Registry::start_on_with(options, Limits::default()).await
+        Registry::start_on_with(options, Limits::default(), Transport::default()).await
     }
 
-    async fn start_on_with(options: sqlx::postgres::PgConnectOptions, limits: Limits) -> Registry {
+    async fn start_on_with(
+        options: sqlx::postgres::PgConnectOptions,
+        limits: Limits,
+        transport: Transport,
+    ) -> Registry {
         let config = LedgerConfig { dispute_window: Duration::ZERO, ..LedgerConfig::default() };
         let ledger = Ledger::connect(options, config).await.unwrap();
         let state = AppState::new(
             ledger.clone(),
-            RegistryConfig { operator: operator().public(), limits, probe_interval: None },
+            RegistryConfig {
+                operator: operator().public(),
+                limits,
+                probe_interval: None,
+                transport: transport.clone(),
+            },
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        let base = match transport.tls {
+            Some(_) => format!("https://localhost:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(ferry_api::serve(listener, state, async {
             let _ = stopped.await;

@@ -49,6 +49,7 @@ impl Registry {
                 operator: operator().public(),
                 limits: ApiLimits::default(),
                 probe_interval,
+                transport: ferry_api::Transport::default(),
             },
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
