@@ -2,6 +2,8 @@
 //! same run on the same machine, because these machines are shared and noisy.
 
 mod connections;
+mod delay;
+mod distance;
 mod ledger;
 mod registry;
 mod relay;
@@ -24,6 +26,9 @@ pub enum Suite {
     Registry,
     /// Relay throughput against a bare TCP proxy, payment CPU, idle sessions' memory.
     Relay,
+    /// Throughput through the relay at round trips of 0 to 100 ms per hop,
+    /// against bare TCP through the same delaying proxies.
+    Distance,
 }
 
 /// Options of `ferry bench`.
@@ -56,6 +61,9 @@ pub struct BenchArgs {
     /// Bytes pushed through one tunnel per throughput run.
     #[arg(long, default_value_t = 1 << 30)]
     pub tunnel_bytes: u64,
+    /// Seconds each path of the distance benchmark sends for.
+    #[arg(long, default_value_t = 3)]
+    pub distance_seconds: u64,
     /// Idle connections one address opens against the registry (each sends
     /// part of a request's headers, then nothing).
     #[arg(long, default_value_t = 20_000)]
@@ -110,8 +118,12 @@ impl Table {
 }
 
 /// Each suite, in the order they run, with the name of its report section.
-const SUITES: [(&str, Suite); 3] =
-    [("ledger", Suite::Ledger), ("registry", Suite::Registry), ("relay", Suite::Relay)];
+const SUITES: [(&str, Suite); 4] = [
+    ("ledger", Suite::Ledger),
+    ("registry", Suite::Registry),
+    ("relay", Suite::Relay),
+    ("distance", Suite::Distance),
+];
 
 /// Runs the chosen benchmarks, prints their tables, and writes each into
 /// its generated section of the report file.
@@ -138,7 +150,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let table = match suite {
             Suite::Ledger => ledger::run(&args).await?,
             Suite::Registry => registry::run(&args).await?,
-            _ => relay::run(&args).await?,
+            Suite::Relay => relay::run(&args).await?,
+            // SUITES holds every suite but All.
+            Suite::Distance | Suite::All => distance::run(&args).await?,
         };
         let markdown = table.markdown();
         println!("\n{markdown}");

@@ -21,12 +21,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
+use super::delay::DelayProxy;
 use super::registry::bench_registry;
 use super::{BenchArgs, Table, idempotency};
 use crate::db::Database;
 
-/// The credit window of the paid runs (the goal is stated for it).
-const CREDIT_WINDOW_BYTES: u64 = 1 << 20;
+/// The credit window of the paid runs: the relay's default.
+pub(super) const CREDIT_WINDOW_BYTES: u64 = 1 << 20;
 /// A wider window, to show how much of the paid gap is the payment round
 /// trip rather than the work of paying.
 const WIDE_CREDIT_WINDOW_BYTES: u64 = 4 << 20;
@@ -176,33 +177,63 @@ fn cpu_seconds() -> anyhow::Result<f64> {
     Ok(ticks / 100.0)
 }
 
-/// Writes `bytes` into `sender` and waits until `count` reports them read.
-async fn push(
+/// How much one throughput run sends.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Load {
+    /// Exactly this many bytes.
+    Bytes(u64),
+    /// As much as the path takes in this long.
+    For(Duration),
+}
+
+/// What one throughput run moved.
+pub(super) struct Pushed {
+    pub(super) bytes: u64,
+    pub(super) seconds: f64,
+    pub(super) cpu_seconds: f64,
+}
+
+impl Pushed {
+    pub(super) fn mib_per_sec(&self) -> f64 {
+        self.bytes as f64 / self.seconds / f64::from(1 << 20)
+    }
+}
+
+/// Writes `load` into `sender`, shuts it down, and waits until `received`
+/// reports every byte read.
+pub(super) async fn push(
     mut sender: impl tokio::io::AsyncWrite + Unpin,
-    bytes: u64,
+    load: Load,
     received: tokio::task::JoinHandle<std::io::Result<u64>>,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<Pushed> {
     let chunk = vec![0x5au8; CHUNK];
     let (cpu_start, started) = (cpu_seconds()?, Instant::now());
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
+    let (limit, deadline) = match load {
+        Load::Bytes(bytes) => (bytes, None),
+        Load::For(duration) => (u64::MAX, Some(started + duration)),
+    };
+    let mut sent = 0u64;
+    while sent < limit && deadline.is_none_or(|deadline| Instant::now() < deadline) {
+        let n = (limit - sent).min(CHUNK as u64) as usize;
         sender
             .write_all(&chunk[..n])
             .await
-            .with_context(|| format!("sending, {left} bytes left"))?;
-        left -= n as u64;
+            .with_context(|| format!("sending, {sent} bytes sent"))?;
+        sent += n as u64;
     }
     sender.shutdown().await?;
     let got = received.await??;
-    let elapsed = started.elapsed().as_secs_f64();
-    if got != bytes {
-        bail!("the receiver got {got} of {bytes} bytes");
+    let seconds = started.elapsed().as_secs_f64();
+    if got != sent {
+        bail!("the receiver got {got} of {sent} bytes");
     }
-    Ok((elapsed, cpu_seconds()? - cpu_start))
+    Ok(Pushed { bytes: sent, seconds, cpu_seconds: cpu_seconds()? - cpu_start })
 }
 
-fn count(mut stream: TcpStream) -> tokio::task::JoinHandle<std::io::Result<u64>> {
+/// Reads `stream` to its end and reports how many bytes it read.
+pub(super) fn count(
+    mut stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> tokio::task::JoinHandle<std::io::Result<u64>> {
     tokio::spawn(async move {
         let mut buffer = vec![0u8; CHUNK];
         let mut total = 0u64;
@@ -216,14 +247,16 @@ fn count(mut stream: TcpStream) -> tokio::task::JoinHandle<std::io::Result<u64>>
     })
 }
 
-async fn bare_proxy_run(bytes: u64) -> anyhow::Result<Run> {
-    let sink = TcpListener::bind("127.0.0.1:0").await?;
-    let sink_address = sink.local_addr()?;
+/// A bare tokio proxy that carries one connection to `target` with the
+/// relay's buffer size; returns where to connect.
+pub(super) async fn bare_proxy(
+    target: std::net::SocketAddr,
+) -> anyhow::Result<std::net::SocketAddr> {
     let proxy = TcpListener::bind("127.0.0.1:0").await?;
     let proxy_address = proxy.local_addr()?;
     tokio::spawn(async move {
         let (mut inbound, _) = proxy.accept().await?;
-        let mut outbound = TcpStream::connect(sink_address).await?;
+        let mut outbound = TcpStream::connect(target).await?;
         inbound.set_nodelay(true)?;
         outbound.set_nodelay(true)?;
         // The relay's buffer size, so that the baseline copies as the
@@ -237,74 +270,111 @@ async fn bare_proxy_run(bytes: u64) -> anyhow::Result<Run> {
         .await?;
         std::io::Result::Ok(())
     });
-    let sender = TcpStream::connect(proxy_address).await?;
+    Ok(proxy_address)
+}
+
+async fn bare_proxy_run(bytes: u64) -> anyhow::Result<Run> {
+    let sink = TcpListener::bind("127.0.0.1:0").await?;
+    let sender = TcpStream::connect(bare_proxy(sink.local_addr()?).await?).await?;
     let (received, _) = sink.accept().await?;
-    let (seconds, cpu_seconds) = push(sender, bytes, count(received)).await?;
+    let pushed = push(sender, Load::Bytes(bytes), count(received)).await?;
+    let (seconds, cpu_seconds) = (pushed.seconds, pushed.cpu_seconds);
     Ok(Run { seconds, cpu_seconds, vouchers: 0, round_trip: Duration::ZERO, round_trips: 0 })
 }
 
-async fn relay_run(
+/// A relay served in this process for one benchmark run, reached at
+/// `at` (through a delaying proxy when one is given).
+pub(super) struct BenchRelay {
+    pub(super) relay: Relay,
+    pub(super) at: RelayAddress,
+    stop: tokio::sync::oneshot::Sender<()>,
+    _proxy: Option<DelayProxy>,
+}
+
+impl BenchRelay {
+    /// A relay registered at `registry` in `region`, paid (1e-9 per byte,
+    /// about 1.07 per GiB) with `credit_window_bytes` or free, its data in
+    /// `scratch/relay-<tag>`, behind a proxy delaying `one_way` if given.
+    pub(super) async fn start(
+        registry: &str,
+        scratch: &std::path::Path,
+        tag: &str,
+        credit_window_bytes: Option<u64>,
+        region: &str,
+        one_way: Option<Duration>,
+    ) -> anyhow::Result<BenchRelay> {
+        let relay_key = SecretKey::generate()?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let proxy = match one_way {
+            Some(one_way) => Some(DelayProxy::start(listener.local_addr()?, one_way).await?),
+            None => None,
+        };
+        let address =
+            proxy.as_ref().map_or(listener.local_addr()?, DelayProxy::address).to_string();
+        let price = match credit_window_bytes {
+            Some(_) => PricePerByte::from_attos(1_000_000_000)?,
+            None => PricePerByte::default(),
+        };
+        let mut config = RelayConfig::new(&address, region, price);
+        config.credit_window_bytes = credit_window_bytes.unwrap_or(CREDIT_WINDOW_BYTES);
+        let data = DataDir::open(&scratch.join(format!("relay-{tag}")))?;
+        let http = RegistryClient::http()?;
+        let relay = Relay::new(
+            config,
+            relay_key.clone(),
+            RegistryClient::new(registry, relay_key.clone(), http),
+            data,
+        );
+        relay.register().await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = relay.clone();
+        tokio::spawn(async move {
+            serving
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        let at = RelayAddress { address, key: relay_key.public() };
+        Ok(BenchRelay { relay, at, stop, _proxy: proxy })
+    }
+
+    /// Stops serving and settles.
+    pub(super) async fn stop(self) {
+        let _ = self.stop.send(());
+        self.relay.shutdown(Duration::from_secs(30)).await;
+    }
+}
+
+/// A funded channel from `caller` to `relay` with 100 in escrow.
+pub(super) async fn funded_channel(
     ledger: &Ledger,
-    registry: &str,
-    scratch: &std::path::Path,
-    bytes: u64,
-    credit_window_bytes: Option<u64>,
-    round: u32,
-) -> anyhow::Result<Run> {
-    let relay_key = SecretKey::generate()?;
-    let (caller, callee) = (SecretKey::generate()?, SecretKey::generate()?);
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?.to_string();
-    // 1e-9 per byte: a GiB costs about 1.07.
-    let price = match credit_window_bytes {
-        Some(_) => PricePerByte::from_attos(1_000_000_000)?,
-        None => PricePerByte::default(),
-    };
-    let mut config = RelayConfig::new(&address, "bench", price);
-    config.credit_window_bytes = credit_window_bytes.unwrap_or(CREDIT_WINDOW_BYTES);
-    let tag = format!("{round}-{}", credit_window_bytes.unwrap_or(0));
-    let data = DataDir::open(&scratch.join(format!("relay-{tag}")))?;
-    let http = RegistryClient::http()?;
-    let relay = Relay::new(
-        config,
-        relay_key.clone(),
-        RegistryClient::new(registry, relay_key.clone(), http),
-        data,
-    );
-    relay.register().await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = relay.clone();
-    tokio::spawn(async move {
-        serving
-            .serve(listener, async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    caller: &SecretKey,
+    relay: &ferry_proto::PublicKey,
+    tag: &str,
+) -> anyhow::Result<ferry_proto::ChannelId> {
     let amount: ferry_proto::Amount = "100".parse()?;
-    ledger
-        .deposit(
-            &idempotency(&format!("bench-deposit-{tag}"))?,
-            &caller.public(),
-            &caller.public(),
-            amount,
-        )
+    let (to, me) = (caller.public(), caller.public());
+    ledger.deposit(&idempotency(&format!("bench-deposit-{tag}"))?, &to, &me, amount).await?;
+    let opened = ledger
+        .open_channel(&idempotency(&format!("bench-open-{tag}"))?, &me, relay, 1, amount)
         .await?;
-    let channel = ledger
-        .open_channel(
-            &idempotency(&format!("bench-open-{tag}"))?,
-            &caller.public(),
-            &relay_key.public(),
-            1,
-            amount,
-        )
-        .await?
-        .id;
-    let at = RelayAddress { address, key: relay_key.public() };
-    let listening = Session::open(&at, &callee, None, None).await?;
+    Ok(opened.id)
+}
+
+/// One raw tunnel through `at`: `caller` dials `callee`, paying through
+/// `paid` (its channel) if given. Returns the caller's session (closed by
+/// [`close_session`]), the sending end and the receiving end.
+pub(super) async fn raw_tunnel(
+    at: &RelayAddress,
+    caller: &SecretKey,
+    callee: &SecretKey,
+    paid: Option<ferry_proto::ChannelId>,
+) -> anyhow::Result<(Session, relay::Tunnel, TcpStream)> {
+    let listening = Session::open(at, callee, None, None).await?;
     listening.listen(ListenPolicy::Open).await?;
-    let payer = Payer { channel, key: caller.clone() };
-    let paying = Session::open(&at, &caller, Some(channel), Some(payer)).await?;
+    let payer = paid.map(|channel| Payer { channel, key: caller.clone() });
+    let paying = Session::open(at, caller, paid, payer).await?;
     let accepting = {
         let (at, callee) = (at.clone(), callee.clone());
         tokio::spawn(async move {
@@ -323,17 +393,39 @@ async fn relay_run(
     };
     let sender = paying.dial(callee.public()).await?;
     let received = accepting.await??;
-    let (seconds, cpu_seconds) = push(sender, bytes, count(received)).await?;
-    let vouchers = relay.metrics().vouchers_with("accepted");
-    let (round_trip, round_trips) = relay.metrics().payment_round_trip_mean();
-    let _ = stop.send(());
-    relay.shutdown(Duration::from_secs(30)).await;
-    // Drain the session's events so its tasks end.
-    drop(paying.close().await);
-    while tokio::time::timeout(Duration::from_millis(10), paying.next_event())
+    Ok((paying, sender, received))
+}
+
+/// Closes a paying session (paying its tail) and drains its events so its
+/// tasks end.
+pub(super) async fn close_session(session: Session) {
+    drop(session.close().await);
+    while tokio::time::timeout(Duration::from_millis(10), session.next_event())
         .await
         .is_ok_and(|e| e.is_some())
     {}
+}
+
+async fn relay_run(
+    ledger: &Ledger,
+    registry: &str,
+    scratch: &std::path::Path,
+    bytes: u64,
+    credit_window_bytes: Option<u64>,
+    round: u32,
+) -> anyhow::Result<Run> {
+    let tag = format!("{round}-{}", credit_window_bytes.unwrap_or(0));
+    let bench =
+        BenchRelay::start(registry, scratch, &tag, credit_window_bytes, "bench", None).await?;
+    let (caller, callee) = (SecretKey::generate()?, SecretKey::generate()?);
+    let channel = funded_channel(ledger, &caller, &bench.at.key, &tag).await?;
+    let (paying, sender, received) = raw_tunnel(&bench.at, &caller, &callee, Some(channel)).await?;
+    let pushed = push(sender, Load::Bytes(bytes), count(received)).await?;
+    let (seconds, cpu_seconds) = (pushed.seconds, pushed.cpu_seconds);
+    let vouchers = bench.relay.metrics().vouchers_with("accepted");
+    let (round_trip, round_trips) = bench.relay.metrics().payment_round_trip_mean();
+    bench.stop().await;
+    close_session(paying).await;
     Ok(Run { seconds, cpu_seconds, vouchers, round_trip, round_trips })
 }
 
