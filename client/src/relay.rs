@@ -263,9 +263,25 @@ pub struct Payer {
 }
 
 /// Bytes carried by a session's tunnels, both ways, as this client counts
-/// them.
+/// them, and a wake-up for the task that pays as they grow.
 #[derive(Debug, Default)]
-struct Tally(AtomicU64);
+struct Tally {
+    bytes: AtomicU64,
+    grown: tokio::sync::Notify,
+}
+
+impl Tally {
+    fn count(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, bytes: u64) {
+        if bytes > 0 {
+            self.bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.grown.notify_one();
+        }
+    }
+}
 
 /// The write half of a session's connection, shared by its writer task,
 /// its reader (which answers invoices without queueing) and [`Session`].
@@ -336,6 +352,9 @@ impl Session {
             verdicts: verdicts_tx,
         };
         tokio::spawn(read_loop(reader, reading));
+        if billing.payer.is_some() && terms.price_per_byte.attos() > 0 {
+            tokio::spawn(pay_as_counted(Arc::clone(&billing), Arc::clone(&writer), outbox.clone()));
+        }
         Ok(Session {
             terms,
             relay: relay.clone(),
@@ -563,7 +582,7 @@ impl Billing {
     /// Within that, the client pays the due amount but never more than its
     /// own count is worth; unasked, it pays exactly its count's worth.
     fn answer(&self, claim: Claim, paid: Amount) -> Answer {
-        let counted = self.tally.0.load(Ordering::Relaxed);
+        let counted = self.tally.count();
         let terms = &self.terms;
         let (billable, due) = match claim {
             Claim::Invoice { carried_bytes, .. }
@@ -651,6 +670,32 @@ impl Billing {
         };
         if let Some(paid) = published {
             self.paid.send_replace(paid);
+        }
+    }
+}
+
+/// Pays for this session's counted bytes as they grow, every half credit
+/// window, without waiting for the relay's invoice: the voucher for a byte
+/// leaves when the byte is counted here, so it reaches the relay about when
+/// the byte does, and the window never waits a round trip for payment.
+/// What the client pays for is still only what its own tunnels counted.
+/// Ends with the session (when its writer task ends).
+async fn pay_as_counted(billing: Arc<Billing>, writer: SessionWriter, outbox: mpsc::Sender<Frame>) {
+    let step = (billing.terms.credit_window_bytes / 2).max(1);
+    // The tally starts at zero with the session.
+    let mut paid_through = 0u64;
+    loop {
+        tokio::select! {
+            () = billing.tally.grown.notified() => {}
+            () = outbox.closed() => return,
+        }
+        let counted = billing.tally.count();
+        if counted < paid_through.saturating_add(step) {
+            continue;
+        }
+        paid_through = counted;
+        if billing.pay(&writer, Claim::Counted).await.is_err() {
+            return;
         }
     }
 }
@@ -786,8 +831,7 @@ impl AsyncRead for Tunnel {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
-        let read = (buf.filled().len() - before) as u64;
-        self.tally.0.fetch_add(read, Ordering::Relaxed);
+        self.tally.add((buf.filled().len() - before) as u64);
         polled
     }
 }
@@ -800,7 +844,7 @@ impl AsyncWrite for Tunnel {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
         if let Poll::Ready(Ok(written)) = polled {
-            self.tally.0.fetch_add(written as u64, Ordering::Relaxed);
+            self.tally.add(written as u64);
         }
         polled
     }
@@ -826,7 +870,7 @@ mod tests {
             sequence: 3,
         };
         let billing = Billing::new(None, terms);
-        billing.tally.0.store(counted, Ordering::Relaxed);
+        billing.tally.bytes.store(counted, Ordering::Relaxed);
         billing
     }
 
@@ -922,5 +966,52 @@ mod tests {
         assert_eq!(verdicts.on(3), Some(VoucherVerdict::Accepted));
         assert_eq!(verdicts.on(5), None, "still waiting");
         assert_eq!(verdicts.on(6), Some(VoucherVerdict::OverEscrow));
+    }
+
+    /// A session's write half over a real socket, and the relay's end.
+    async fn socket_pair() -> (SessionWriter, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (relay, _) = listener.accept().await.unwrap();
+        let (_read, write) = client.into_split();
+        // The read half is dropped: the relay's end only reads here.
+        (Arc::new(tokio::sync::Mutex::new(write)), relay)
+    }
+
+    #[tokio::test]
+    async fn a_session_pays_as_it_counts_every_half_window_without_an_invoice() {
+        let key = SecretKey::from_seed(&[9; 32]);
+        let channel = ChannelId::from_bytes([7; 32]);
+        let terms = SessionTerms {
+            price_per_byte: PricePerByte::from_attos(10).unwrap(),
+            credit_window_bytes: 1000,
+            paid: Amount::from_attos(5_000).unwrap(),
+            sequence: 3,
+        };
+        let billing = Arc::new(Billing::new(Some(Payer { channel, key: key.clone() }), terms));
+        let (writer, mut relay) = socket_pair().await;
+        let (outbox, outbox_rx) = mpsc::channel(1);
+        let paying = tokio::spawn(pay_as_counted(Arc::clone(&billing), writer, outbox));
+        // Below half a window: nothing is paid yet.
+        billing.tally.add(499);
+        // At half a window: a voucher for everything counted, unasked.
+        billing.tally.add(1);
+        let wait = Duration::from_secs(10);
+        let frame = tokio::time::timeout(wait, read_frame(&mut relay)).await.unwrap().unwrap();
+        let Frame::Voucher(signed) = frame else { panic!("expected a voucher, got {frame:?}") };
+        assert_eq!(signed.voucher.sequence, 4);
+        assert_eq!(signed.voucher.cumulative, Amount::from_attos(5_000 + 500 * 10).unwrap());
+        signed.verify(&key.public()).unwrap();
+        // The next half window, counted in small steps, pays once more.
+        for _ in 0..50 {
+            billing.tally.add(10);
+        }
+        let frame = tokio::time::timeout(wait, read_frame(&mut relay)).await.unwrap().unwrap();
+        let Frame::Voucher(signed) = frame else { panic!("expected a voucher, got {frame:?}") };
+        assert_eq!(signed.voucher.sequence, 5);
+        assert_eq!(signed.voucher.cumulative, Amount::from_attos(5_000 + 1_000 * 10).unwrap());
+        // The task ends with the session's writer.
+        drop(outbox_rx);
+        tokio::time::timeout(wait, paying).await.expect("the payer ends with the session").unwrap();
     }
 }

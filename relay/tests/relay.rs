@@ -84,21 +84,21 @@ async fn a_paid_tunnel_carries_bytes_intact_both_ways_and_the_relay_is_settled()
 
     // The caller was billed for both directions and its vouchers accepted.
     let carried = (up.len() + down.len()) as u64;
-    // Once the caller has counted every byte, an invoice for all of them
-    // is paid in full; wait for that voucher's acceptance.
-    let (mut last_voucher, mut paid_in_full) = (None, false);
-    while !paid_in_full {
-        match next(&session).await {
-            Event::Invoice { carried_bytes, voucher, .. } => {
+    // The caller paid as it counted; closing pays the tail and waits for
+    // the relay's verdict. The relay never billed beyond what it carried.
+    tokio::time::timeout(WAIT, session.close()).await.unwrap().unwrap();
+    assert_eq!(
+        *session.paid().borrow(),
+        Amount::from_attos(u128::from(carried) * 1_000_000_000).unwrap(),
+        "paid for every byte carried, no more"
+    );
+    while let Some(event) = tokio::time::timeout(WAIT, session.next_event()).await.unwrap() {
+        match event {
+            Event::Invoice { carried_bytes, .. } => {
                 assert!(carried_bytes <= carried, "billed {carried_bytes} of {carried} bytes");
-                if carried_bytes == carried && voucher.is_some() {
-                    last_voucher = voucher.map(|v| v.sequence);
-                }
             }
-            Event::VoucherResult { sequence, verdict } => {
-                assert_eq!(verdict, VoucherVerdict::Accepted);
-                paid_in_full = last_voucher == Some(sequence);
-            }
+            Event::VoucherResult { verdict, .. } => assert_eq!(verdict, VoucherVerdict::Accepted),
+            Event::Closed { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -106,8 +106,8 @@ async fn a_paid_tunnel_carries_bytes_intact_both_ways_and_the_relay_is_settled()
     let report = relay.shutdown().await;
     assert!(!report.incomplete && report.rejected == 0, "{report:?}");
     assert!(metrics.vouchers_with("accepted") >= 1);
-    let (round_trip, timed) = metrics.payment_round_trip_mean();
-    assert!(timed >= 1 && round_trip > std::time::Duration::ZERO, "payment round trips timed");
+    // Vouchers now mostly arrive before their invoices, so few round trips
+    // are timed; the histogram is there all the same.
     assert!(metrics.render().contains("ferry_relay_payment_round_trip_seconds_count"));
 
     // The ledger paid the relay for what the last voucher covered.
