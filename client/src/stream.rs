@@ -27,11 +27,13 @@ use tokio::time::Instant;
 
 use crate::secure::{MAX_PLAINTEXT_BYTES, SecureError, SecureReader, SecureWriter};
 
+mod window;
+
+use window::SendWindow;
+pub use window::{MAX_SEND_WINDOW_BYTES, MIN_SEND_WINDOW_BYTES};
+
 /// Bytes of a connection id.
 pub const CONNECTION_ID_BYTES: usize = 16;
-/// Bytes sent but not yet acknowledged that a connection keeps for
-/// resending; the application's writes wait while it is full.
-pub const SEND_BUFFER_BYTES: u64 = 4 << 20;
 /// A receiver acknowledges at least every this many bytes.
 pub const ACK_EVERY_BYTES: u64 = 256 << 10;
 /// An idle link sends an acknowledgement this often, as a keepalive.
@@ -285,7 +287,8 @@ impl AsyncWrite for Stream {
 struct Active {
     /// Hello, Data and Fin, in order. Unbounded as a queue, but bounded by
     /// the send window: data is queued once per link and only while
-    /// `sent - acked < SEND_BUFFER_BYTES`.
+    /// `sent - acked` is below the send window (at most
+    /// [`MAX_SEND_WINDOW_BYTES`]).
     outbox: mpsc::UnboundedSender<Record>,
     /// The newest count to acknowledge; the writer sends the latest only.
     acks: watch::Sender<u64>,
@@ -388,6 +391,9 @@ struct Connection {
     redial: Option<(Redial, mpsc::Sender<Offered>)>,
     link: Option<Active>,
     unacked: Unacked,
+    /// How much may be sent and not acknowledged: the application's writes
+    /// wait while `sent - acked` is at it.
+    window: SendWindow,
     inbox: Inbox,
     /// Stream positions the peer acknowledged.
     acked: u64,
@@ -438,6 +444,7 @@ pub(crate) fn start(
         redial: redial.map(|redial| (redial, links_tx)),
         link: None,
         unacked: Unacked::default(),
+        window: SendWindow::default(),
         inbox: Inbox::default(),
         acked: 0,
         sent: 0,
@@ -514,7 +521,7 @@ impl Connection {
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.done() {
-            let room = self.sent - self.acked.min(self.sent) < SEND_BUFFER_BYTES;
+            let room = self.sent - self.acked.min(self.sent) < self.window.bytes();
             let inbox_room = self.inbox.bytes < RECEIVE_BUFFER_BYTES;
             let relink_deadline =
                 self.unlinked_since.map_or_else(Instant::now, |since| since + RELINK_TIMEOUT);
@@ -585,6 +592,7 @@ impl Connection {
         self.sent += bytes.len() as u64;
         self.unacked.chunks.push_back(bytes.to_vec());
         if ready {
+            self.window.sent(self.sent, Instant::now());
             self.send(Record::Data(bytes.to_vec()));
         }
     }
@@ -659,6 +667,7 @@ impl Connection {
         if received > self.acked {
             self.unacked.drop_front(received.min(self.sent) - self.acked.min(self.sent));
             self.acked = received;
+            self.window.acked(received, Instant::now());
         }
         Ok(())
     }
@@ -695,6 +704,7 @@ impl Connection {
                 rest
             })
             .collect();
+        self.window.resent();
         for chunk in resend {
             self.send(Record::Data(chunk));
         }
@@ -1062,7 +1072,7 @@ mod tests {
     #[tokio::test]
     async fn both_sides_sending_more_than_every_buffer_at_once_do_not_deadlock() {
         let (dialing, accepting, _relay) = stream_pair().await;
-        let length = 3 * SEND_BUFFER_BYTES as usize;
+        let length = 3 * MIN_SEND_WINDOW_BYTES as usize;
         let exchange = |mut stream: Stream, seed: u8| async move {
             let sent: Vec<u8> = (0..length).map(|i| (i as u8).wrapping_mul(seed)).collect();
             let (mut reader, mut writer) = tokio::io::split(&mut stream);
