@@ -178,6 +178,20 @@ async fn stream_run(
     let me = sender_key.public();
     ledger.deposit(&idempotency(&format!("fund-{tag}"))?, &me, &me, "100".parse()?).await?;
     let budget = Budget { open: "20".parse()?, top_up: "20".parse()?, low_water: "10".parse()? };
+    // The relay is listed once its first heartbeat lands: wait for it.
+    let me = RegistryClient::new(registry, receiver_key.clone(), http.clone());
+    let listed = async {
+        loop {
+            let ranked = ferry_client::select::discover(&me, &receiver_key, &policy).await;
+            if ranked.is_ok_and(|ranked| !ranked.is_empty()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), listed)
+        .await
+        .context("the relay is listed and measured within 10 s")?;
     let receiver = Endpoint::new(
         RegistryClient::new(registry, receiver_key.clone(), http.clone()),
         EndpointConfig { policy: policy.clone(), home_relays: 1, ..EndpointConfig::default() },
