@@ -1,7 +1,9 @@
-//! A relay that bills for bytes it never carried: the client's payer
-//! refuses the invoice, pays nothing, closes the session and reports it.
-//! The dishonest relay is written here from the protocol's frames, since
-//! the real relay cannot be made to lie.
+//! Dishonest relays, written here from the protocol's frames, since the
+//! real relay cannot be made to lie: one bills for bytes it never carried
+//! (the client's payer refuses the invoice, pays nothing, closes the session
+//! and reports it); one takes the client's payments and stops carrying (the
+//! client, which pays as it counts, loses at most the bytes the sockets
+//! between them hold).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -11,17 +13,13 @@ use ferry_client::relay::{Event, Payer, RelayAddress, Session};
 use ferry_proto::wire::io::{read_frame, write_frame};
 use ferry_proto::wire::{Frame, WIRE_VERSION, transcript};
 use ferry_proto::{Amount, ChannelId, PricePerByte, SecretKey};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Runs one session as a relay that, once the session is open, invoices
-/// `claimed_bytes` at once; returns the frames the client sent afterwards.
-async fn overcharging_relay(
-    listener: TcpListener,
-    key: SecretKey,
-    claimed_bytes: u64,
-) -> Vec<Frame> {
+/// The relay's side of the handshake on the next connection of `listener`.
+async fn handshake(listener: &TcpListener, key: &SecretKey) -> tokio::net::TcpStream {
     let (mut stream, _) = listener.accept().await.unwrap();
     let Frame::ClientHello { version, client, nonce } = read_frame(&mut stream).await.unwrap()
     else {
@@ -37,6 +35,15 @@ async fn overcharging_relay(
     };
     write_frame(&mut stream, &hello).await.unwrap();
     assert!(matches!(read_frame(&mut stream).await.unwrap(), Frame::ClientAuth { .. }));
+    stream
+}
+
+/// Opens a paying session as a relay at 1e-9 per byte with a 1 MiB window.
+async fn open_session(
+    listener: &TcpListener,
+    key: &SecretKey,
+) -> (tokio::net::TcpStream, ChannelId) {
+    let mut stream = handshake(listener, key).await;
     let Frame::OpenSession { channel: Some(channel) } = read_frame(&mut stream).await.unwrap()
     else {
         panic!("expected a paying session")
@@ -49,6 +56,18 @@ async fn overcharging_relay(
         sequence: 0,
     };
     write_frame(&mut stream, &ready).await.unwrap();
+    (stream, channel)
+}
+
+/// Runs one session as a relay that, once the session is open, invoices
+/// `claimed_bytes` at once; returns the frames the client sent afterwards.
+async fn overcharging_relay(
+    listener: TcpListener,
+    key: SecretKey,
+    claimed_bytes: u64,
+) -> Vec<Frame> {
+    let (mut stream, channel) = open_session(&listener, &key).await;
+    let price = PricePerByte::from_attos(1_000_000_000).unwrap();
     let due = ferry_proto::cost(claimed_bytes, price).unwrap();
     write_frame(&mut stream, &Frame::Invoice { channel, carried_bytes: claimed_bytes, due })
         .await
@@ -93,4 +112,75 @@ async fn an_invoice_for_bytes_never_carried_is_refused_and_reported() {
         "nothing was paid: {sent:?}"
     );
     assert!(matches!(sent.last(), Some(Frame::Close { .. })), "the client closed: {sent:?}");
+}
+
+/// The most bytes Linux lets one socket buffer hold for sending and for
+/// receiving, from `tcp_wmem` and `tcp_rmem`'s maxima.
+fn socket_buffer_maxima() -> u64 {
+    let max = |path: &str| -> u64 {
+        std::fs::read_to_string(path).unwrap().split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    max("/proc/sys/net/ipv4/tcp_wmem") + max("/proc/sys/net/ipv4/tcp_rmem")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_takes_payment_and_stops_carrying_costs_at_most_the_sockets_contents() {
+    let (relay_key, client) = (SecretKey::from_seed(&[3; 32]), SecretKey::from_seed(&[4; 32]));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = RelayAddress {
+        address: listener.local_addr().unwrap().to_string(),
+        key: relay_key.public(),
+    };
+    // The relay keeps every voucher, pairs the tunnel at once, and never
+    // reads a byte of it.
+    let relay = tokio::spawn(async move {
+        let (mut session, _) = open_session(&listener, &relay_key).await;
+        let mut tunnel = handshake(&listener, &relay_key).await;
+        let Frame::Dial { peer } = read_frame(&mut tunnel).await.unwrap() else {
+            panic!("expected a Dial")
+        };
+        write_frame(&mut tunnel, &Frame::Connected { tunnel: 1, peer }).await.unwrap();
+        let mut paid = Amount::ZERO;
+        while let Ok(Ok(frame)) = tokio::time::timeout(WAIT, read_frame(&mut session)).await {
+            match frame {
+                Frame::Voucher(signed) => paid = paid.max(signed.voucher.cumulative),
+                Frame::Close { .. } => break,
+                _ => {}
+            }
+        }
+        drop(tunnel);
+        paid
+    });
+    let channel = ChannelId::from_bytes([5; 32]);
+    let payer = Payer { channel, key: client.clone() };
+    let session = Session::open(&address, &client, Some(channel), Some(payer)).await.unwrap();
+    let mut tunnel = session.dial(SecretKey::from_seed(&[6; 32]).public()).await.unwrap();
+
+    // Write until the sockets are full: a write that makes no progress for
+    // a second means the relay's receive buffer and this side's send buffer
+    // hold all they take (an early stop under load only makes the bound
+    // easier to meet).
+    let chunk = vec![0x5a; 64 << 10];
+    let mut written = 0u64;
+    while let Ok(Ok(())) =
+        tokio::time::timeout(Duration::from_secs(1), tunnel.write_all(&chunk)).await
+    {
+        written += chunk.len() as u64;
+        assert!(written < 1 << 30, "the relay never read, yet 1 GiB went in");
+    }
+    // Closing pays for everything counted; the relay answers nothing, so
+    // the close gives up after its timeout.
+    let _ = tokio::time::timeout(Duration::from_secs(30), session.close()).await;
+    let paid = tokio::time::timeout(WAIT * 3, relay).await.unwrap().unwrap();
+    let price = PricePerByte::from_attos(1_000_000_000).unwrap();
+    let bound = socket_buffer_maxima() + (64 << 10);
+    println!(
+        "stalling relay: {written} bytes written, paid {paid} (= {} bytes), bound {bound} bytes",
+        paid.attos() / price.attos()
+    );
+    assert!(paid > Amount::ZERO, "the client paid as it counted");
+    assert!(
+        paid <= ferry_proto::cost(bound, price).unwrap(),
+        "paid {paid} for bytes the relay never read, beyond the {bound} bytes the sockets hold"
+    );
 }
