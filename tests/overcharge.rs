@@ -184,3 +184,38 @@ async fn a_relay_that_takes_payment_and_stops_carrying_costs_at_most_the_sockets
         "paid {paid} for bytes the relay never read, beyond the {bound} bytes the sockets hold"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paying_session_the_relay_ends_lets_go_of_its_connection() {
+    use tokio::io::AsyncReadExt;
+    let (relay_key, client) = (SecretKey::from_seed(&[7; 32]), SecretKey::from_seed(&[8; 32]));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = RelayAddress {
+        address: listener.local_addr().unwrap().to_string(),
+        key: relay_key.public(),
+    };
+    // The relay ends the session, then waits for the client to close its
+    // side of the connection.
+    let relay = tokio::spawn(async move {
+        let (mut stream, _) = open_session(&listener, &relay_key).await;
+        let close =
+            Frame::Close { reason: ferry_proto::wire::CloseReason::Normal, message: String::new() };
+        write_frame(&mut stream, &close).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await.is_ok()
+    });
+    let channel = ChannelId::from_bytes([6; 32]);
+    let payer = Payer { channel, key: client.clone() };
+    let session = Session::open(&address, &client, Some(channel), Some(payer)).await.unwrap();
+    while let Ok(Some(event)) = tokio::time::timeout(WAIT, session.next_event()).await {
+        if matches!(event, Event::Closed { .. }) {
+            break;
+        }
+    }
+    // The application drops the ended session without closing it, as an
+    // endpoint does: every task holding the connection must end.
+    drop(session);
+    let released = tokio::time::timeout(WAIT * 2, relay).await.unwrap().unwrap();
+    assert!(released, "the client kept the connection of a session the relay ended");
+}

@@ -188,3 +188,46 @@ async fn connections_beyond_the_total_bound_are_refused() {
     drop(held);
     registry.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_still_running_after_the_shutdown_grace_are_cut_off() {
+    use axum::routing::get;
+    // A handler that says it started, then never answers.
+    let entered = std::sync::Arc::new(tokio::sync::Notify::new());
+    let started = std::sync::Arc::clone(&entered);
+    let app = axum::Router::new().route(
+        "/stuck",
+        get(move || async move {
+            started.notify_one();
+            std::future::pending::<&'static str>().await
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let limits = ConnectionLimits {
+        shutdown_grace: Duration::from_millis(200),
+        ..ConnectionLimits::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ferry_proto::http::serve(
+        listener,
+        app,
+        limits,
+        ferry_proto::http::Transport::default(),
+        std::sync::Arc::new(()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(b"GET /stuck HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    tokio::time::timeout(WAIT, entered.notified()).await.expect("the handler runs");
+    stop.send(()).unwrap();
+    tokio::time::timeout(WAIT, server)
+        .await
+        .expect("serve returns after the grace")
+        .unwrap()
+        .unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

@@ -353,7 +353,7 @@ impl Session {
         };
         tokio::spawn(read_loop(reader, reading));
         if billing.payer.is_some() && terms.price_per_byte.attos() > 0 {
-            tokio::spawn(pay_as_counted(Arc::clone(&billing), Arc::clone(&writer), outbox.clone()));
+            tokio::spawn(pay_as_counted(Arc::clone(&billing), Arc::clone(&writer)));
         }
         Ok(Session {
             terms,
@@ -535,6 +535,8 @@ struct Billing {
     vouchers: Mutex<Vouchers>,
     /// Where the newest paid amount is published.
     paid: watch::Sender<Amount>,
+    /// Set once the session's reader ended: the payer stops.
+    ended: watch::Sender<bool>,
 }
 
 /// What to do with a claim.
@@ -567,6 +569,7 @@ impl Billing {
             tally: Arc::new(Tally::default()),
             vouchers: Mutex::new(vouchers),
             paid: watch::channel(terms.paid).0,
+            ended: watch::channel(false).0,
         }
     }
 
@@ -674,20 +677,27 @@ impl Billing {
     }
 }
 
+/// The fewest counted bytes between two vouchers sent unasked.
+const MIN_PAY_EVERY_BYTES: u64 = 16 << 10;
+
 /// Pays for this session's counted bytes as they grow, every half credit
 /// window, without waiting for the relay's invoice: the voucher for a byte
 /// leaves when the byte is counted here, so it reaches the relay about when
 /// the byte does, and the window never waits a round trip for payment.
 /// What the client pays for is still only what its own tunnels counted.
-/// Ends with the session (when its writer task ends).
-async fn pay_as_counted(billing: Arc<Billing>, writer: SessionWriter, outbox: mpsc::Sender<Frame>) {
-    let step = (billing.terms.credit_window_bytes / 2).max(1);
+/// Ends with the session's reader (the relay ended the session, or this
+/// client closed it or refused the relay).
+async fn pay_as_counted(billing: Arc<Billing>, writer: SessionWriter) {
+    // A relay stating a tiny window cannot make this client sign a voucher
+    // per read; its invoices still ask for the rest.
+    let step = (billing.terms.credit_window_bytes / 2).max(MIN_PAY_EVERY_BYTES);
+    let mut ended = billing.ended.subscribe();
     // The tally starts at zero with the session.
     let mut paid_through = 0u64;
     loop {
         tokio::select! {
             () = billing.tally.grown.notified() => {}
-            () = outbox.closed() => return,
+            _ = ended.wait_for(|ended| *ended) => return,
         }
         let counted = billing.tally.count();
         if counted < paid_through.saturating_add(step) {
@@ -733,7 +743,15 @@ struct Reading {
     verdicts: watch::Sender<Verdicts>,
 }
 
-async fn read_loop(mut reader: OwnedReadHalf, reading: Reading) {
+/// Reads the relay's frames until the session ends, then tells the
+/// session's payer to stop.
+async fn read_loop(reader: OwnedReadHalf, reading: Reading) {
+    let billing = Arc::clone(&reading.billing);
+    read_frames(reader, reading).await;
+    billing.ended.send_replace(true);
+}
+
+async fn read_frames(mut reader: OwnedReadHalf, reading: Reading) {
     let Reading { writer, outbox, events, billing, listened, verdicts } = reading;
     loop {
         let event = match read_frame(&mut reader).await {
@@ -984,34 +1002,35 @@ mod tests {
         let channel = ChannelId::from_bytes([7; 32]);
         let terms = SessionTerms {
             price_per_byte: PricePerByte::from_attos(10).unwrap(),
-            credit_window_bytes: 1000,
+            credit_window_bytes: 2 * MIN_PAY_EVERY_BYTES,
             paid: Amount::from_attos(5_000).unwrap(),
             sequence: 3,
         };
+        let half = MIN_PAY_EVERY_BYTES;
         let billing = Arc::new(Billing::new(Some(Payer { channel, key: key.clone() }), terms));
         let (writer, mut relay) = socket_pair().await;
-        let (outbox, outbox_rx) = mpsc::channel(1);
-        let paying = tokio::spawn(pay_as_counted(Arc::clone(&billing), writer, outbox));
+        let paying = tokio::spawn(pay_as_counted(Arc::clone(&billing), writer));
         // Below half a window: nothing is paid yet.
-        billing.tally.add(499);
+        billing.tally.add(half - 1);
         // At half a window: a voucher for everything counted, unasked.
         billing.tally.add(1);
         let wait = Duration::from_secs(10);
         let frame = tokio::time::timeout(wait, read_frame(&mut relay)).await.unwrap().unwrap();
         let Frame::Voucher(signed) = frame else { panic!("expected a voucher, got {frame:?}") };
         assert_eq!(signed.voucher.sequence, 4);
-        assert_eq!(signed.voucher.cumulative, Amount::from_attos(5_000 + 500 * 10).unwrap());
+        let worth = |bytes: u64| Amount::from_attos(5_000 + u128::from(bytes) * 10).unwrap();
+        assert_eq!(signed.voucher.cumulative, worth(half));
         signed.verify(&key.public()).unwrap();
         // The next half window, counted in small steps, pays once more.
-        for _ in 0..50 {
-            billing.tally.add(10);
+        for _ in 0..half / 16 {
+            billing.tally.add(16);
         }
         let frame = tokio::time::timeout(wait, read_frame(&mut relay)).await.unwrap().unwrap();
         let Frame::Voucher(signed) = frame else { panic!("expected a voucher, got {frame:?}") };
         assert_eq!(signed.voucher.sequence, 5);
-        assert_eq!(signed.voucher.cumulative, Amount::from_attos(5_000 + 1_000 * 10).unwrap());
-        // The task ends with the session's writer.
-        drop(outbox_rx);
+        assert_eq!(signed.voucher.cumulative, worth(2 * half));
+        // The task ends with the session's reader.
+        billing.ended.send_replace(true);
         tokio::time::timeout(wait, paying).await.expect("the payer ends with the session").unwrap();
     }
 }

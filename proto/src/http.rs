@@ -98,9 +98,14 @@ pub async fn serve(
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
     let tls = transport.tls.map(TlsAcceptor::from);
     let proxies = transport.trusted_proxies;
+    // Every connection's task, so that those still running after the
+    // shutdown grace can be cut off. Finished ones are reaped as the loop
+    // goes, so the set holds at most the open connections.
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -149,7 +154,7 @@ pub async fn serve(
             app.clone().oneshot(request)
         });
         let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
-        tokio::spawn(async move {
+        connections.spawn(async move {
             // A connection's errors (a client that went away, a header
             // timeout, a failed handshake) are the client's; they end only
             // that connection.
@@ -174,6 +179,7 @@ pub async fn serve(
     if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("requests still in flight after the shutdown grace were cut off");
     }
+    connections.abort_all();
     Ok(())
 }
 

@@ -8,9 +8,8 @@
 //! becomes `2 × delivery rate × minimum round trip`. While the window is
 //! the limit the rate is `window / round trip`, so the window doubles each
 //! round trip until the path, not the window, limits the rate; then it
-//! holds at twice the path's bandwidth-delay product, and shrinks when
-//! queues build up (the round trip grows past the minimum) or the path
-//! slows. Every byte in the window is kept for resending until it is
+//! holds at twice the path's bandwidth-delay product (one product in
+//! flight, about one queued), and shrinks when the path slows. Every byte in the window is kept for resending until it is
 //! acknowledged, so the bound is memory: [`MAX_SEND_WINDOW_BYTES`] per
 //! stream.
 
@@ -28,9 +27,6 @@ const SAMPLE_EVERY_BYTES: u64 = 64 << 10;
 /// Round trip samples waiting for their acknowledgement: one per
 /// [`SAMPLE_EVERY_BYTES`] of the largest window.
 const MAX_SAMPLES: usize = (MAX_SEND_WINDOW_BYTES / SAMPLE_EVERY_BYTES) as usize + 1;
-/// How long the minimum round trip holds before a new one is taken: a path
-/// that got longer is noticed within this.
-const MIN_RTT_LIFETIME: Duration = Duration::from_secs(10);
 /// The shortest interval a delivery rate is measured over.
 const MIN_RATE_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -42,8 +38,12 @@ pub struct SendWindow {
     /// acknowledgement.
     samples: VecDeque<(u64, Instant)>,
     next_sample_at: u64,
-    /// The smallest round trip seen, and when it was seen.
-    min_rtt: Option<(Duration, Instant)>,
+    /// The smallest round trip seen on the current link. It never
+    /// expires while the link lasts: a sample is taken when data is
+    /// queued for the link, so once the window keeps a queue every later
+    /// sample is inflated by it, and letting the minimum age out would
+    /// feed that inflation back into the window (doubling it each time).
+    min_rtt: Option<Duration>,
     /// Where the current rate interval started: positions acknowledged, and when.
     interval_start: Option<(u64, Instant)>,
 }
@@ -74,11 +74,13 @@ impl SendWindow {
         }
     }
 
-    /// What was sent is being sent again on a new link: its send times no
-    /// longer tell the round trip.
+    /// A new link: what was sent is being sent again, its send times no
+    /// longer tell the round trip, and the new route's round trip is
+    /// learnt afresh.
     pub fn resent(&mut self) {
         self.samples.clear();
         self.interval_start = None;
+        self.min_rtt = None;
     }
 
     /// The peer acknowledged stream position `acked` at `now`.
@@ -93,12 +95,9 @@ impl SendWindow {
         }
         if let Some(at) = newest {
             let rtt = now.saturating_duration_since(at);
-            let expired = self.min_rtt.is_none_or(|(_, seen)| now - seen > MIN_RTT_LIFETIME);
-            if expired || self.min_rtt.is_some_and(|(min, _)| rtt <= min) {
-                self.min_rtt = Some((rtt, now));
-            }
+            self.min_rtt = Some(self.min_rtt.map_or(rtt, |min| min.min(rtt)));
         }
-        let Some((min_rtt, _)) = self.min_rtt else { return };
+        let Some(min_rtt) = self.min_rtt else { return };
         let Some((start_acked, start)) = self.interval_start else {
             self.interval_start = Some((acked, now));
             return;
@@ -122,7 +121,19 @@ mod tests {
     /// A sender that always fills its window over a path with round trip
     /// `rtt_ms` and bandwidth `link_bytes_per_sec`, simulated in 1 ms steps
     /// for `seconds`; returns the window at the end and the largest seen.
+    /// With `queueing`, the sender queues its whole window at once (as the
+    /// stream queues records for its link) and the sample is taken when a
+    /// record is queued, not when the link takes it.
     fn simulate(rtt_ms: u64, link_bytes_per_sec: u64, seconds: u64) -> (u64, u64) {
+        simulate_with(rtt_ms, link_bytes_per_sec, seconds, false)
+    }
+
+    fn simulate_with(
+        rtt_ms: u64,
+        link_bytes_per_sec: u64,
+        seconds: u64,
+        queueing: bool,
+    ) -> (u64, u64) {
         const CHUNK: u64 = 64 << 10;
         let mut window = SendWindow::default();
         let start = Instant::now();
@@ -142,8 +153,10 @@ mod tests {
                 acked = position;
                 window.acked(position, now);
             }
-            // Send while the window has room and the link takes it this step.
-            while sent - acked + CHUNK <= window.bytes() && link_free_at < now + step {
+            // Send while the window has room and (without a queue) the
+            // link takes it this step.
+            while sent - acked + CHUNK <= window.bytes() && (queueing || link_free_at < now + step)
+            {
                 sent += CHUNK;
                 let busy = Duration::from_secs_f64(CHUNK as f64 / link_bytes_per_sec as f64);
                 link_free_at = link_free_at.max(now) + busy;
@@ -164,6 +177,18 @@ mod tests {
         // 100 MB/s over 100 ms: a product of 10 MB, so about 20 MB.
         let (window, _) = simulate(100, 100_000_000, 5);
         assert!((16_000_000..=24_000_000).contains(&window), "{window}");
+    }
+
+    #[test]
+    fn a_queue_before_the_link_does_not_inflate_the_window() {
+        // 100 MB/s over 100 ms, for 60 s, with the whole window queued:
+        // every sample after the first includes the queue, yet the window
+        // stays near twice the product (20 MB) instead of doubling.
+        let (window, largest) = simulate_with(100, 100_000_000, 60, true);
+        assert!(window <= 32_000_000 && largest <= 48_000_000, "{window} {largest}");
+        // 10 MB/s over 20 ms: a product of 200 KB, so the floor.
+        let (window, _) = simulate_with(20, 10_000_000, 60, true);
+        assert_eq!(window, MIN_SEND_WINDOW_BYTES);
     }
 
     #[test]

@@ -110,20 +110,20 @@ impl TrustedProxies {
         if !self.contains(client) {
             return ClientIp(client);
         }
-        let hops: Vec<Option<IpAddr>> = match self.header {
-            ForwardedHeader::XForwardedFor => headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .flat_map(|value| value.to_str().unwrap_or("").split(','))
-                .map(parse_x_forwarded_for)
-                .collect(),
-            ForwardedHeader::Forwarded => headers
-                .get_all("forwarded")
-                .iter()
-                .flat_map(|value| value.to_str().unwrap_or("").split(','))
-                .map(parse_forwarded_element)
-                .collect(),
+        let (name, parse): (&str, fn(&str) -> Option<IpAddr>) = match self.header {
+            ForwardedHeader::XForwardedFor => ("x-forwarded-for", parse_x_forwarded_for),
+            ForwardedHeader::Forwarded => ("forwarded", parse_forwarded_element),
         };
+        // Split on the raw bytes: a proxy appends the address it saw to
+        // the client's own value on one line, and a byte the client wrote
+        // that is not text must spoil only the client's entries, not the
+        // proxy's.
+        let hops: Vec<Option<IpAddr>> = headers
+            .get_all(name)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
+            .map(|entry| std::str::from_utf8(entry).ok().and_then(parse))
+            .collect();
         for hop in hops.into_iter().rev().take(MAX_FORWARDED_HOPS) {
             // An entry that names no address (`unknown`, an obfuscated
             // identifier, garbage) ends the walk: the hop that forwarded
@@ -245,6 +245,18 @@ mod tests {
     }
 
     #[test]
+    fn a_byte_that_is_not_text_spoils_only_the_entry_it_is_in() {
+        let proxies = TrustedProxies::new(&["10.0.0.0/8"], ForwardedHeader::XForwardedFor).unwrap();
+        // nginx appends the address it saw to the client's value, on one line.
+        let mut map = HeaderMap::new();
+        map.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"203.0.113.9\x80, 198.51.100.7").unwrap(),
+        );
+        assert_eq!(proxies.client_ip(peer("10.2.2.2"), &map), ip("198.51.100.7"));
+    }
+
+    #[test]
     fn ipv4_mapped_addresses_are_their_ipv4_address() {
         let proxies = TrustedProxies::new(&["127.0.0.1"], ForwardedHeader::XForwardedFor).unwrap();
         let chain = headers("x-forwarded-for", &["::ffff:198.51.100.7"]);
@@ -269,21 +281,27 @@ mod tests {
         /// addresses written in the header that is read.
         #[test]
         fn the_client_is_the_peer_or_a_forwarded_address(
-            values in proptest::collection::vec("[0-9a-f:.,\\[\\] =;\"_]{0,60}", 0..4),
+            values in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::sample::select(b"0123456789abcdef:.,[] =;\"_\x80\xff".to_vec()),
+                    0..60,
+                ),
+                0..4,
+            ),
         ) {
             let proxies = TrustedProxies::new(&["127.0.0.0/8"], ForwardedHeader::XForwardedFor)
                 .unwrap();
             let mut map = HeaderMap::new();
             for value in &values {
-                if let Ok(value) = HeaderValue::from_str(value) {
+                if let Ok(value) = HeaderValue::from_bytes(value) {
                     map.append("x-forwarded-for", value);
                 }
             }
             let ClientIp(client) = proxies.client_ip(peer("127.0.0.1"), &map);
             let written: Vec<IpAddr> = values
                 .iter()
-                .flat_map(|value| value.split(','))
-                .filter_map(parse_x_forwarded_for)
+                .flat_map(|value| value.split(|byte| *byte == b','))
+                .filter_map(|entry| std::str::from_utf8(entry).ok().and_then(parse_x_forwarded_for))
                 .map(canonical)
                 .collect();
             prop_assert!(client == "127.0.0.1".parse::<IpAddr>().unwrap() || written.contains(&client));
