@@ -73,7 +73,7 @@ pub(crate) async fn limit_requests(
         } else {
             (&state.limits.per_ip, "ip")
         };
-        if let Err(retry_after) = limiter.check(ip, Instant::now()) {
+        if let Err(retry_after) = limiter.check(ferry_proto::rate::ip_bucket(ip), Instant::now()) {
             state.metrics.rate_limited(scope);
             return rate_limited("address", retry_after).into_response();
         }

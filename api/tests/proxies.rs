@@ -158,3 +158,25 @@ async fn a_trusted_proxy_is_not_held_to_the_per_ip_connection_bound() {
     drop(held);
     registry.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_addresses_of_one_ipv6_64_share_one_budget() {
+    let registry = Registry::start_serving(
+        limits(),
+        trusting(&["127.0.0.10"], ForwardedHeader::XForwardedFor),
+    )
+    .await;
+    let proxy = [127, 0, 0, 10];
+    spend_burst(&registry, proxy, "X-Forwarded-For: 2001:db8:1:2::1\r\n").await;
+    // Another address of the same /64 is the same client.
+    assert_eq!(
+        status(&registry, proxy, "X-Forwarded-For: 2001:db8:1:2:abcd::9\r\n").await,
+        "HTTP/1.1 429 Too Many Requests"
+    );
+    // The next /64 is another.
+    assert_eq!(
+        status(&registry, proxy, "X-Forwarded-For: 2001:db8:1:3::1\r\n").await,
+        "HTTP/1.1 200 OK"
+    );
+    registry.stop().await;
+}

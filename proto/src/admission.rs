@@ -107,6 +107,7 @@ impl Admission {
         ip: IpAddr,
         max_connections_of_ip: usize,
     ) -> Result<Admitted, Refusal> {
+        let ip = crate::rate::ip_bucket(ip);
         let mut open = self.lock();
         let refused = if open.total >= self.max_connections {
             Some(Refusal::Total)
@@ -169,6 +170,16 @@ mod tests {
         drop(first);
         let _again = admission.admit(a).unwrap();
         assert_eq!(admission.lock().per_ip.len(), 2);
+    }
+
+    #[test]
+    fn the_addresses_of_one_ipv6_64_share_one_bound() {
+        let admission = Admission::new(10, 2, Arc::new(()));
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
+        let _first = admission.admit(ip("2001:db8::1")).unwrap();
+        let _second = admission.admit(ip("2001:db8::2")).unwrap();
+        assert_eq!(admission.admit(ip("2001:db8::3")).unwrap_err(), Refusal::PerIp);
+        let _other = admission.admit(ip("2001:db8:0:1::1")).unwrap();
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,21 @@ use std::time::{Duration, Instant};
 /// new client is refused until a tracked one has been idle long enough to be
 /// forgotten; this bounds the limiter's memory under a flood of addresses.
 pub const MAX_TRACKED_CLIENTS: usize = 100_000;
+
+/// The address a client is limited as, by every per-IP bound (rates and
+/// connections): an IPv4 address itself, also when it arrives over IPv6 as
+/// `::ffff:a.b.c.d`; an IPv6 address by its /64, the network one host or
+/// one customer is usually given, so that a host cannot pass a per-address
+/// bound by rotating through its addresses (or fill a limiter's table).
+pub fn ip_bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        },
+    }
+}
 
 /// A sustained rate with a burst allowance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +96,20 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_ipv6_host_is_one_bucket_per_64_and_ipv4_is_itself() {
+        use super::ip_bucket;
+        let bucket = |text: &str| ip_bucket(text.parse().unwrap());
+        assert_eq!(bucket("2001:db8:1:2::1"), bucket("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_eq!(
+            bucket("2001:db8:1:2::1"),
+            "2001:db8:1:2::".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_ne!(bucket("2001:db8:1:2::1"), bucket("2001:db8:1:3::1"));
+        assert_eq!(bucket("198.51.100.7"), bucket("::ffff:198.51.100.7"));
+        assert_ne!(bucket("198.51.100.7"), bucket("198.51.100.8"));
+    }
+
     use super::*;
 
     #[test]

@@ -143,7 +143,8 @@ impl Lookups {
             }
             Class::Stranger(ip) => {
                 let now = Instant::now();
-                self.strangers_per_ip.check(ip, now).map_err(LookupError::Busy)?;
+                let bucket = ferry_proto::rate::ip_bucket(ip);
+                self.strangers_per_ip.check(bucket, now).map_err(LookupError::Busy)?;
                 self.strangers.check((), now).map_err(LookupError::Busy)
             }
         }
