@@ -42,6 +42,11 @@ impl Path {
     const ALL: [Path; 5] =
         [Path::Bare, Path::RawFree, Path::RawPaid, Path::StreamFree, Path::StreamPaid];
 
+    /// Whether the relay charges on this path.
+    fn paid(self) -> bool {
+        matches!(self, Path::RawPaid | Path::StreamPaid)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Path::Bare => "bare TCP",
@@ -78,12 +83,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
             let tag = format!("{rtt_ms}-{path:?}");
             let pushed = match path {
                 Path::Bare => bare_run(one_way, load).await,
-                Path::RawFree | Path::RawPaid => {
-                    raw_run(&ledger, &registry.base, &scratch, &tag, path, one_way, load).await
-                }
-                Path::StreamFree | Path::StreamPaid => {
-                    stream_run(&ledger, &registry.base, &scratch, &tag, path, one_way, load).await
-                }
+                _ => relay_run(&ledger, &registry.base, &scratch, &tag, path, one_way, load).await,
             }
             .with_context(|| format!("{} at {rtt_ms} ms", path.name()))?;
             println!("  {}: {:.0} MiB/s", path.name(), pushed.mib_per_sec());
@@ -137,7 +137,9 @@ async fn bare_run(one_way: Duration, load: Load) -> anyhow::Result<Pushed> {
     push(sender, load, count(received)).await
 }
 
-async fn raw_run(
+/// One of the relay paths, through a relay of its own behind a proxy
+/// delaying `one_way`.
+async fn relay_run(
     ledger: &Ledger,
     registry: &str,
     scratch: &std::path::Path,
@@ -146,31 +148,41 @@ async fn raw_run(
     one_way: Duration,
     load: Load,
 ) -> anyhow::Result<Pushed> {
-    let window = (path == Path::RawPaid).then_some(CREDIT_WINDOW_BYTES);
+    let window = path.paid().then_some(CREDIT_WINDOW_BYTES);
     let region = region_of(tag);
     let bench = BenchRelay::start(registry, scratch, tag, window, &region, Some(one_way)).await?;
+    let pushed = match path {
+        Path::RawFree | Path::RawPaid => raw_run(ledger, &bench, tag, load).await,
+        _ => stream_run(ledger, registry, tag, region, load).await,
+    };
+    bench.stop().await;
+    pushed
+}
+
+async fn raw_run(
+    ledger: &Ledger,
+    bench: &BenchRelay,
+    tag: &str,
+    load: Load,
+) -> anyhow::Result<Pushed> {
     let (caller, callee) = (SecretKey::generate()?, SecretKey::generate()?);
     let channel = funded_channel(ledger, &caller, &bench.at.key, tag).await?;
     let (session, sender, received) =
         raw_tunnel(&bench.at, &caller, &callee, Some(channel)).await?;
     let pushed = push(sender, load, count(received)).await;
     close_session(session).await;
-    bench.stop().await;
     pushed
 }
 
+/// An encrypted stream between two endpoints that choose the run's relay,
+/// the only one in `region`.
 async fn stream_run(
     ledger: &Ledger,
     registry: &str,
-    scratch: &std::path::Path,
     tag: &str,
-    path: Path,
-    one_way: Duration,
+    region: String,
     load: Load,
 ) -> anyhow::Result<Pushed> {
-    let window = (path == Path::StreamPaid).then_some(CREDIT_WINDOW_BYTES);
-    let region = region_of(tag);
-    let bench = BenchRelay::start(registry, scratch, tag, window, &region, Some(one_way)).await?;
     let policy =
         SelectionPolicy { min_reputation: 0.0, region: Some(region), ..SelectionPolicy::default() };
     let http = RegistryClient::http()?;
@@ -179,10 +191,10 @@ async fn stream_run(
     ledger.deposit(&idempotency(&format!("fund-{tag}"))?, &me, &me, "100".parse()?).await?;
     let budget = Budget { open: "20".parse()?, top_up: "20".parse()?, low_water: "10".parse()? };
     // The relay is listed once its first heartbeat lands: wait for it.
-    let me = RegistryClient::new(registry, receiver_key.clone(), http.clone());
+    let as_receiver = RegistryClient::new(registry, receiver_key.clone(), http.clone());
     let listed = async {
         loop {
-            let ranked = ferry_client::select::discover(&me, &receiver_key, &policy).await;
+            let ranked = ferry_client::select::discover(&as_receiver, &receiver_key, &policy).await;
             if ranked.is_ok_and(|ranked| !ranked.is_empty()) {
                 return;
             }
@@ -193,7 +205,7 @@ async fn stream_run(
         .await
         .context("the relay is listed and measured within 10 s")?;
     let receiver = Endpoint::new(
-        RegistryClient::new(registry, receiver_key.clone(), http.clone()),
+        as_receiver,
         EndpointConfig { policy: policy.clone(), home_relays: 1, ..EndpointConfig::default() },
     );
     receiver.listen().await?;
@@ -214,6 +226,5 @@ async fn stream_run(
     let pushed = push(outgoing, load, count(incoming)).await;
     sender.close().await;
     receiver.close().await;
-    bench.stop().await;
     pushed
 }
