@@ -9,6 +9,8 @@
 mod common;
 mod process;
 
+use process::{run_json as ferry_json, run_ok as ferry};
+
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,6 @@ use std::path::{Path, PathBuf};
 use common::{Registry, RunningRelay, key, operator, store_dir};
 use ferry_client::select::SelectionPolicy;
 use ferry_proto::{Amount, SecretKey};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -29,28 +30,6 @@ fn key_file(dir: &Path, name: &str, key: &SecretKey) -> PathBuf {
         std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).unwrap();
     writeln!(file, "{}", hex::encode(key.seed())).unwrap();
     path
-}
-
-/// Runs `ferry` to completion with `args` and returns its standard output,
-/// failing the test with its whole output if it fails.
-async fn ferry(args: &[&str]) -> String {
-    let output = tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output(),
-    )
-    .await
-    .expect("ferry finishes in time")
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "ferry {args:?} failed:\n{stdout}\n{stderr}");
-    stdout
-}
-
-async fn ferry_json(args: &[&str]) -> Value {
-    let mut args = args.to_vec();
-    args.push("--json");
-    serde_json::from_str(&ferry(&args).await).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

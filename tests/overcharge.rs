@@ -83,19 +83,31 @@ async fn overcharging_relay(
     sent
 }
 
+/// A dishonest relay's listener and key (from `seed`), and its address as
+/// a client finds it.
+async fn dishonest_relay(seed: u8) -> (TcpListener, SecretKey, RelayAddress) {
+    let key = SecretKey::from_seed(&[seed; 32]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address =
+        RelayAddress { address: listener.local_addr().unwrap().to_string(), key: key.public() };
+    (listener, key, address)
+}
+
+/// A session of the client with key seed `client` at `address`, paying
+/// through the channel `[channel; 32]`.
+async fn paying_session(address: &RelayAddress, client: u8, channel: u8) -> Session {
+    let client = SecretKey::from_seed(&[client; 32]);
+    let channel = ChannelId::from_bytes([channel; 32]);
+    let payer = Payer { channel, key: client.clone() };
+    Session::open(address, &client, Some(channel), Some(payer)).await.unwrap()
+}
+
 #[tokio::test]
 async fn an_invoice_for_bytes_never_carried_is_refused_and_reported() {
-    let (relay_key, client) = (SecretKey::from_seed(&[1; 32]), SecretKey::from_seed(&[2; 32]));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = RelayAddress {
-        address: listener.local_addr().unwrap().to_string(),
-        key: relay_key.public(),
-    };
+    let (listener, relay_key, address) = dishonest_relay(1).await;
     // Nothing was carried; the relay claims 10 MiB, beyond its 1 MiB window.
     let relay = tokio::spawn(overcharging_relay(listener, relay_key, 10 << 20));
-    let channel = ChannelId::from_bytes([9; 32]);
-    let payer = Payer { channel, key: client.clone() };
-    let session = Session::open(&address, &client, Some(channel), Some(payer)).await.unwrap();
+    let session = paying_session(&address, 2, 9).await;
 
     let mut events = Vec::new();
     while let Ok(Some(event)) = tokio::time::timeout(WAIT, session.next_event()).await {
@@ -125,12 +137,7 @@ fn socket_buffer_maxima() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_takes_payment_and_stops_carrying_costs_at_most_the_sockets_contents() {
-    let (relay_key, client) = (SecretKey::from_seed(&[3; 32]), SecretKey::from_seed(&[4; 32]));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = RelayAddress {
-        address: listener.local_addr().unwrap().to_string(),
-        key: relay_key.public(),
-    };
+    let (listener, relay_key, address) = dishonest_relay(3).await;
     // The relay keeps every voucher, pairs the tunnel at once, and never
     // reads a byte of it.
     let relay = tokio::spawn(async move {
@@ -151,9 +158,7 @@ async fn a_relay_that_takes_payment_and_stops_carrying_costs_at_most_the_sockets
         drop(tunnel);
         paid
     });
-    let channel = ChannelId::from_bytes([5; 32]);
-    let payer = Payer { channel, key: client.clone() };
-    let session = Session::open(&address, &client, Some(channel), Some(payer)).await.unwrap();
+    let session = paying_session(&address, 4, 5).await;
     let mut tunnel = session.dial(SecretKey::from_seed(&[6; 32]).public()).await.unwrap();
 
     // Write until the sockets are full: a write that makes no progress for
@@ -188,12 +193,7 @@ async fn a_relay_that_takes_payment_and_stops_carrying_costs_at_most_the_sockets
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paying_session_the_relay_ends_lets_go_of_its_connection() {
     use tokio::io::AsyncReadExt;
-    let (relay_key, client) = (SecretKey::from_seed(&[7; 32]), SecretKey::from_seed(&[8; 32]));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = RelayAddress {
-        address: listener.local_addr().unwrap().to_string(),
-        key: relay_key.public(),
-    };
+    let (listener, relay_key, address) = dishonest_relay(7).await;
     // The relay ends the session, then waits for the client to close its
     // side of the connection.
     let relay = tokio::spawn(async move {
@@ -205,9 +205,7 @@ async fn a_paying_session_the_relay_ends_lets_go_of_its_connection() {
         let mut rest = Vec::new();
         tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await.is_ok()
     });
-    let channel = ChannelId::from_bytes([6; 32]);
-    let payer = Payer { channel, key: client.clone() };
-    let session = Session::open(&address, &client, Some(channel), Some(payer)).await.unwrap();
+    let session = paying_session(&address, 8, 6).await;
     while let Ok(Some(event)) = tokio::time::timeout(WAIT, session.next_event()).await {
         if matches!(event, Event::Closed { .. }) {
             break;

@@ -10,38 +10,10 @@
 mod process;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use ferry_proto::tls::testing::TestCa;
-use process::{WAIT, relay_args, spawn};
-use serde_json::Value;
+use process::{WAIT, output_text as text, relay_args, run as ferry, run_json as ferry_json, spawn};
 use sqlx::ConnectOptions;
-
-/// Runs `ferry` with `args` to completion, bounded.
-async fn ferry(args: &[&str]) -> Output {
-    tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output(),
-    )
-    .await
-    .expect("ferry finishes in time")
-    .unwrap()
-}
-
-/// Runs `ferry` with `args` and `--json`; it must succeed.
-async fn ferry_json(args: &[&str]) -> Value {
-    let output = ferry(&[args, &["--json"]].concat()).await;
-    assert!(output.status.success(), "ferry {args:?} failed: {}", text(&output));
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferry-tls-{name}-{}", std::process::id()));

@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::*;
 use ferry_api::{ConnectionLimits, Limits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// Every wait here is bounded by this, well above the test timeouts below.
 const WAIT: Duration = Duration::from_secs(20);
@@ -32,17 +31,6 @@ async fn registry(max_connections: usize, max_connections_per_ip: usize) -> Regi
     .await
 }
 
-fn address(registry: &Registry) -> SocketAddr {
-    registry.base.strip_prefix("http://").unwrap().parse().unwrap()
-}
-
-/// A connection to `registry` from the loopback address `from`.
-async fn connect_from(registry: &Registry, from: [u8; 4]) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(IpAddr::from(from), 0)).unwrap();
-    tokio::time::timeout(WAIT, socket.connect(address(registry))).await.unwrap().unwrap()
-}
-
 /// Reads until the server closes the connection; returns what it sent.
 async fn read_until_closed(stream: &mut TcpStream) -> String {
     let mut answer = Vec::new();
@@ -55,13 +43,13 @@ async fn read_until_closed(stream: &mut TcpStream) -> String {
 
 /// A connection that has sent part of a request's headers and nothing more.
 async fn dangling(registry: &Registry, from: [u8; 4]) -> TcpStream {
-    let mut stream = connect_from(registry, from).await;
+    let mut stream = registry.connect_from(from).await;
     stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     stream
 }
 
 async fn healthz_from(registry: &Registry, from: [u8; 4]) -> String {
-    let mut stream = connect_from(registry, from).await;
+    let mut stream = registry.connect_from(from).await;
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
@@ -76,13 +64,13 @@ async fn a_request_that_never_finishes_its_headers_and_an_idle_connection_are_cl
     assert_eq!(read_until_closed(&mut partial).await, "", "closed without an answer");
 
     // A kept-alive connection that goes quiet after its answer.
-    let mut idle = connect_from(&registry, [127, 0, 0, 1]).await;
+    let mut idle = registry.connect_from([127, 0, 0, 1]).await;
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let answer = read_until_closed(&mut idle).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // Dribbling a byte at a time does not extend the deadline.
-    let mut dribble = connect_from(&registry, [127, 0, 0, 1]).await;
+    let mut dribble = registry.connect_from([127, 0, 0, 1]).await;
     dribble.set_nodelay(true).unwrap();
     let dribbling = async {
         for byte in b"GET /healthz HTTP/1.1\r\nHost: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" {

@@ -7,14 +7,12 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::*;
 use ferry_api::{ConnectionLimits, Limits, Rate, Transport};
 use ferry_proto::http::{ForwardedHeader, TrustedProxies};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
 
 const WAIT: Duration = Duration::from_secs(20);
 /// Requests one address may send at once; the rate refills slowly enough
@@ -37,19 +35,9 @@ fn trusting(entries: &[&str], header: ForwardedHeader) -> Transport {
     Transport { tls: None, trusted_proxies: TrustedProxies::new(entries, header).unwrap() }
 }
 
-fn address(registry: &Registry) -> SocketAddr {
-    registry.base.strip_prefix("http://").unwrap().parse().unwrap()
-}
-
-async fn connect_from(registry: &Registry, from: [u8; 4]) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(IpAddr::from(from), 0)).unwrap();
-    tokio::time::timeout(WAIT, socket.connect(address(registry))).await.unwrap().unwrap()
-}
-
 /// The status line of `GET /v1/relays` from `from`, with `header`.
 async fn status(registry: &Registry, from: [u8; 4], header: &str) -> String {
-    let mut stream = connect_from(registry, from).await;
+    let mut stream = registry.connect_from(from).await;
     let request =
         format!("GET /v1/relays HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -133,9 +121,9 @@ async fn a_trusted_proxy_is_not_held_to_the_per_ip_connection_bound() {
     // Five idle connections from the proxy, more than the per-IP bound of 2.
     let mut held = Vec::new();
     for _ in 0..5 {
-        held.push(connect_from(&registry, [127, 0, 0, 10]).await);
+        held.push(registry.connect_from([127, 0, 0, 10]).await);
     }
-    let mut stream = connect_from(&registry, [127, 0, 0, 10]).await;
+    let mut stream = registry.connect_from([127, 0, 0, 10]).await;
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
@@ -144,8 +132,8 @@ async fn a_trusted_proxy_is_not_held_to_the_per_ip_connection_bound() {
     let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await.unwrap();
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
     // Another address is held to it.
-    let _one = connect_from(&registry, [127, 0, 0, 30]).await;
-    let _two = connect_from(&registry, [127, 0, 0, 30]).await;
+    let _one = registry.connect_from([127, 0, 0, 30]).await;
+    let _two = registry.connect_from([127, 0, 0, 30]).await;
     let refused = tokio::time::timeout(WAIT, async {
         loop {
             if status(&registry, [127, 0, 0, 30], "").await.starts_with("HTTP/1.1 503") {

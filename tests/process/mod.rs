@@ -94,6 +94,39 @@ pub async fn spawn(args: Vec<String>) -> (Process, String) {
     (process, line)
 }
 
+/// Runs `ferry` with `args` to completion, bounded by [`WAIT`].
+pub async fn run(args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output(),
+    )
+    .await
+    .expect("ferry finishes in time")
+    .unwrap()
+}
+
+/// A finished command's standard output, then its standard error.
+pub fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs `ferry` with `args` and returns its standard output, failing the
+/// test with its whole output if it fails.
+pub async fn run_ok(args: &[&str]) -> String {
+    let output = run(args).await;
+    assert!(output.status.success(), "ferry {args:?} failed:\n{}", output_text(&output));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs `ferry` with `args` and `--json`; it must succeed.
+pub async fn run_json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&run_ok(&[args, &["--json"]].concat()).await).unwrap()
+}
+
 /// Sends `signal` (as `kill` names it: `-TERM`, `-KILL`) and waits for
 /// the process to exit.
 pub async fn signal_and_wait(process: Process, signal: &str) -> ExitStatus {

@@ -11,7 +11,7 @@ use ferry_proto::{
 };
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
 /// The operator's key in tests.
@@ -82,6 +82,22 @@ impl Registry {
             let _ = stopped.await;
         }));
         Registry { base, ledger, stop: Some(stop), server }
+    }
+
+    /// The plain-HTTP registry's socket address.
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.base.strip_prefix("http://").expect("a plain HTTP registry").parse().unwrap()
+    }
+
+    /// A raw connection to the registry from the loopback address `from`,
+    /// connected within 20 s.
+    pub async fn connect_from(&self, from: [u8; 4]) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::new(std::net::IpAddr::from(from), 0)).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), socket.connect(self.address()))
+            .await
+            .expect("connected in time")
+            .unwrap()
     }
 
     /// Stops the server gracefully and waits for it, bounded.
