@@ -27,7 +27,7 @@ pub(crate) fn client(
 /// is neither `http://` nor `https://` is refused, and plain HTTP to a host
 /// other than this machine draws a warning: on the way, anyone could forge
 /// the registry's answers (docs/PROTOCOL.md, "What TLS guarantees").
-pub(crate) fn http(url: &str, ca_file: Option<&Path>) -> anyhow::Result<reqwest::Client> {
+fn http(url: &str, ca_file: Option<&Path>) -> anyhow::Result<reqwest::Client> {
     let parsed = reqwest::Url::parse(url)
         .with_context(|| format!("the registry URL {url:?} is not a URL (https://host:port)"))?;
     let host =

@@ -19,12 +19,18 @@ pub const MAX_TRACKED_CLIENTS: usize = 100_000;
 /// one customer is usually given, so that a host cannot pass a per-address
 /// bound by rotating through its addresses (or fill a limiter's table).
 pub fn ip_bucket(ip: IpAddr) -> IpAddr {
+    match unmapped(ip) {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
+}
+
+/// An IPv4 address reached over IPv6 (`::ffff:10.0.0.1`) is that IPv4
+/// address, so one client has one address whichever socket it came through.
+pub fn unmapped(ip: IpAddr) -> IpAddr {
     match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
-        },
     }
 }
 

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use axum::http::HeaderMap;
 use ipnet::IpNet;
 
+use crate::rate::unmapped;
+
 /// The most trusted proxy networks one server takes.
 pub const MAX_TRUSTED_PROXIES: usize = 64;
 /// The most forwarded addresses looked at in one request: a chain of
@@ -100,13 +102,13 @@ impl TrustedProxies {
 
     /// Whether `ip` is a trusted proxy.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        let ip = unmapped(ip);
         self.networks.iter().any(|network| network.contains(&ip))
     }
 
     /// The client's address for a request from `peer` with `headers`.
     pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> ClientIp {
-        let mut client = canonical(peer.ip());
+        let mut client = unmapped(peer.ip());
         if !self.contains(client) {
             return ClientIp(client);
         }
@@ -128,22 +130,13 @@ impl TrustedProxies {
             // An entry that names no address (`unknown`, an obfuscated
             // identifier, garbage) ends the walk: the hop that forwarded
             // it is the nearest address known.
-            let Some(hop) = hop.map(canonical) else { break };
+            let Some(hop) = hop.map(unmapped) else { break };
             client = hop;
             if !self.contains(hop) {
                 break;
             }
         }
         ClientIp(client)
-    }
-}
-
-/// An IPv4 address reached over IPv6 (`::ffff:10.0.0.1`) is that IPv4
-/// address, so one client has one address whichever socket it came through.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
     }
 }
 
@@ -302,7 +295,7 @@ mod tests {
                 .iter()
                 .flat_map(|value| value.split(|byte| *byte == b','))
                 .filter_map(|entry| std::str::from_utf8(entry).ok().and_then(parse_x_forwarded_for))
-                .map(canonical)
+                .map(unmapped)
                 .collect();
             prop_assert!(client == "127.0.0.1".parse::<IpAddr>().unwrap() || written.contains(&client));
         }
