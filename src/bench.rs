@@ -1,6 +1,7 @@
 //! `ferry bench`: benchmarks reported as ratios to a baseline measured in the
 //! same run on the same machine, because these machines are shared and noisy.
 
+mod aead;
 mod connections;
 mod delay;
 mod distance;

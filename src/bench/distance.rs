@@ -75,6 +75,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
     std::fs::create_dir_all(&scratch)?;
     let load = Load::For(Duration::from_secs(args.distance_seconds));
     let mut table = Table::new("distance");
+    super::aead::rows(&mut table)?;
     for rtt_ms in ROUND_TRIPS_MS {
         let one_way = Duration::from_millis(rtt_ms / 2);
         println!("▸ {rtt_ms} ms round trip per hop: {} s per path", args.distance_seconds);
