@@ -27,10 +27,10 @@ use ferry_client::relay::{self, Event, Payer, RelayAddress, RelayError, Session}
 use ferry_proto::wire::io::{read_frame, write_frame};
 use ferry_proto::wire::{CloseReason, Frame, ListenPolicy, VoucherVerdict};
 use ferry_proto::{Amount, ChannelId, PublicKey, SecretKey, SignedVoucher, Voucher};
+use ferry_relay::MAX_UNSYNCED_BYTES;
 use process::{Process, WAIT, relay_address, relay_args, signal_and_wait, spawn};
 use sqlx::ConnectOptions;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 /// The advertised credit window of every relay here.
@@ -244,8 +244,8 @@ impl Traffic {
 
     /// Writes into `stream` without end (if `talk`) and counts what it
     /// reads.
-    fn ride(&self, stream: TcpStream, talk: bool) {
-        let (mut read, mut write) = stream.into_split();
+    fn ride(&self, stream: impl AsyncRead + AsyncWrite + Send + 'static, talk: bool) {
+        let (mut read, mut write) = tokio::io::split(stream);
         let writer = tokio::spawn(async move {
             let chunk = vec![0x5a; 16 * 1024];
             if !talk {
@@ -544,6 +544,57 @@ async fn many_channels_of_one_key_share_one_window() {
     }
     market.ledger_check().await;
     drop((sessions, far));
+    market.stop().await;
+}
+
+/// Attack 3a: a paying client streams both ways through the relay, paying
+/// as it counts, and the relay is killed (SIGKILL) mid-flow. A voucher
+/// counts before its sync, so after the restart the ledger may settle less
+/// than was carried: at most the window plus the unsynced bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_while_paid_loses_at_most_the_window_and_the_unsynced_bound() {
+    let market = Market::start("kill-paid", &[]).await;
+    let dir = market.dir.join("relay");
+    let (first, relay) = market.relay(&dir, &[]).await;
+    let client = key(5);
+    let channel = market.fund(&client, &relay.key, "10").await;
+    let (near, far_traffic) = (Traffic::default(), Traffic::default());
+    let far = Far::listen(&relay, key(3), &far_traffic).await;
+    let payer = Payer { channel, key: client.clone() };
+    let session = Session::open(&relay, &client, Some(channel), Some(payer)).await.unwrap();
+    near.ride(session.dial(far.public()).await.unwrap(), true);
+    let signed = session.paid();
+    let reached = async {
+        while far_traffic.total() < 32 << 20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, reached).await.expect("the paid tunnel carries 32 MiB");
+    let killed = signal_and_wait(first, "-KILL").await;
+    assert!(!killed.success(), "killed, not exited");
+    let carried = near.drained().await + far_traffic.drained().await;
+    let signed = *signed.borrow();
+    drop((session, far));
+
+    let (restarted, again) = market.relay(&dir, &[]).await;
+    assert_eq!(again.key, relay.key, "the key file is reused");
+    stop_relay(restarted).await;
+    let settled = market.channel(&client, &channel).await.settled;
+    let lost = i128::from(carried) - i128::from(paid_bytes(settled));
+    eprintln!(
+        "hostile: SIGKILL while paid: carried {carried} bytes, the client signed for {}, \
+         the ledger settled {} after the restart: {lost} bytes lost (window {WINDOW}, unsynced \
+         bound {MAX_UNSYNCED_BYTES})",
+        paid_bytes(signed),
+        paid_bytes(settled),
+    );
+    assert!(settled > Amount::ZERO, "the vouchers on disk were settled");
+    assert!(settled <= signed, "the ledger settled {settled}, more than was signed ({signed})");
+    assert!(
+        lost <= i128::from(WINDOW + MAX_UNSYNCED_BYTES),
+        "a crash lost {lost} bytes, more than the window and the unsynced bound"
+    );
+    market.ledger_check().await;
     market.stop().await;
 }
 

@@ -22,10 +22,9 @@ use crate::store::Stored;
 
 /// Frames waiting to be written to one session; a sender waits when full.
 pub const SESSION_OUTBOX: usize = 64;
-/// Checked vouchers of one session waiting for the disk. Vouchers are
-/// pipelined so that the next one is checked while the previous syncs; the
-/// session stops reading frames while this many wait.
-pub const VOUCHERS_IN_FLIGHT: usize = 8;
+/// Counted vouchers of one session waiting for their sync; the session
+/// stops reading frames while this many wait (a disk that falls behind).
+pub const VOUCHERS_IN_FLIGHT: usize = 64;
 
 /// One client's control session.
 #[derive(Debug)]
@@ -141,24 +140,19 @@ pub(crate) async fn run(
         None
     };
     let reason = if writer_task.is_some() {
-        // Only a paying session acknowledges vouchers; a listen-only one
-        // (most sessions) has no queue nor task for them.
-        let acks = session.meter.as_ref().map(|meter| {
-            let (acks, to_acknowledge) = mpsc::channel(VOUCHERS_IN_FLIGHT);
-            tokio::spawn(acknowledge_loop(
-                Arc::clone(&shared),
-                Arc::clone(&session),
-                Arc::clone(meter),
-                to_acknowledge,
-            ));
+        // Only a paying session takes vouchers; a listen-only one (most
+        // sessions) has no queue nor task for them.
+        let syncs = session.meter.as_ref().map(|meter| {
+            let (syncs, to_follow) = mpsc::channel(VOUCHERS_IN_FLIGHT);
+            tokio::spawn(follow_syncs(Arc::clone(&session), Arc::clone(meter), to_follow));
             tokio::spawn(watch_channel(
                 Arc::clone(&shared),
                 Arc::clone(&session),
                 Arc::clone(meter),
             ));
-            acks
+            syncs
         });
-        read_loop(&shared, &mut reader, &session, acks.as_ref()).await
+        read_loop(&shared, &mut reader, &session, syncs.as_ref()).await
     } else {
         CloseReason::Protocol
     };
@@ -188,6 +182,15 @@ async fn open_meter(
     // ration; any other is a stranger's, rationed per address.
     let stored = shared.store.latest(&channel);
     let class = if stored.is_some() { Class::Known } else { Class::Stranger(ip) };
+    // The session resumes from a synced voucher (this one, submitted before
+    // the sync), so that the meter's bound on unsynced payment starts true.
+    if stored.is_some()
+        && let Err(error) = shared.store.sync().await
+    {
+        tracing::error!(%error, "cannot sync the voucher log");
+        let refusal = Refusal::new(CloseReason::Unavailable, "the relay cannot store vouchers");
+        return Err(("voucher_log", refusal));
+    }
     let view = match shared.lookups.channel(&shared.registry, &channel, class, false).await {
         Ok(Some(view)) => view,
         Ok(None) => {
@@ -245,15 +248,15 @@ async fn write_bounded(shared: &Shared, writer: &mut OwnedWriteHalf, frame: &Fra
     matches!(tokio::time::timeout(limit, write_frame(writer, frame)).await, Ok(Ok(())))
 }
 
-/// A checked voucher on its way to the disk.
-type Acknowledge = (SignedVoucher, Stored);
+/// A counted voucher on its way to the disk.
+type Syncing = (SignedVoucher, Stored);
 
 /// Reads the client's frames until the session ends; returns why.
 async fn read_loop(
     shared: &Shared,
     reader: &mut tokio::net::tcp::OwnedReadHalf,
     session: &Session,
-    acks: Option<&mpsc::Sender<Acknowledge>>,
+    syncs: Option<&mpsc::Sender<Syncing>>,
 ) -> CloseReason {
     let silence_limit = shared.config.limits.keepalive_interval * 3;
     let limit = shared.config.limits.keepalive_interval;
@@ -289,13 +292,13 @@ async fn read_loop(
                 None
             }
             Frame::Voucher(voucher) => {
-                // judge refuses a session without a meter, which has no acks.
-                let judged = match acks {
-                    Some(acks) => judge(shared, session, &voucher, newest).await.map(|()| acks),
+                // judge refuses a session without a meter, which has no syncs.
+                let judged = match syncs {
+                    Some(syncs) => judge(shared, session, &voucher, newest).await.map(|()| syncs),
                     None => Err(VoucherVerdict::WrongChannel),
                 };
                 match judged {
-                    Ok(acks) => {
+                    Ok(syncs) => {
                         let stored = if voucher.voucher.cumulative == newest.0 {
                             Stored::nothing_new()
                         } else {
@@ -308,11 +311,21 @@ async fn read_loop(
                             }
                         };
                         newest = (voucher.voucher.cumulative, voucher.voucher.sequence);
-                        let ack = tokio::time::timeout(limit, acks.send((voucher, stored))).await;
-                        if !matches!(ack, Ok(Ok(()))) {
+                        // Counted once verified; its sync follows.
+                        let v = voucher.voucher;
+                        if let Some(meter) = &session.meter
+                            && let Some(round_trip) =
+                                meter.accept(&v.channel, v.cumulative, v.sequence)
+                        {
+                            shared.metrics.paid_after(round_trip);
+                        }
+                        let sent = tokio::time::timeout(limit, syncs.send((voucher, stored))).await;
+                        if !matches!(sent, Ok(Ok(()))) {
                             return CloseReason::Protocol;
                         }
-                        None
+                        let verdict = VoucherVerdict::Accepted;
+                        shared.metrics.voucher(verdict.label());
+                        Some(Frame::VoucherResult { sequence: v.sequence, verdict })
                     }
                     Err(verdict) => {
                         shared.metrics.voucher(verdict.label());
@@ -335,7 +348,7 @@ async fn read_loop(
 
 /// Checks a voucher locally (no registry call unless it exceeds the cached
 /// escrow) against the session's channel and the `newest` voucher that
-/// passed. A voucher that passes counts only once it is durable. It passes
+/// passed. A voucher that passes counts at once (its sync follows). It passes
 /// only if the ledger would settle it: its fields are in the ledger's range
 /// (the one rule in `ferry_proto`), it is within the escrow and the
 /// channel is open.
@@ -442,32 +455,21 @@ async fn watch_channel(shared: Arc<Shared>, session: Arc<Session>, meter: Arc<Me
     }
 }
 
-/// Counts each checked voucher, in order, once it is on disk, and answers
-/// the client. Ends when the session's reader drops its sender.
-async fn acknowledge_loop(
-    shared: Arc<Shared>,
+/// Follows each counted voucher, in order, to the disk, and tells the meter
+/// what is synced: it carries at most [`crate::meter::MAX_UNSYNCED_BYTES`]
+/// beyond that. Ends when the session's reader drops its sender.
+async fn follow_syncs(
     session: Arc<Session>,
     meter: Arc<Meter>,
-    mut checked: mpsc::Receiver<Acknowledge>,
+    mut counted: mpsc::Receiver<Syncing>,
 ) {
-    let limit = shared.config.limits.keepalive_interval;
-    while let Some((voucher, stored)) = checked.recv().await {
+    while let Some((voucher, stored)) = counted.recv().await {
         if let Err(error) = stored.durable().await {
             tracing::error!(%error, "cannot store a voucher; ending the session");
             session.close(CloseReason::Unavailable);
             return;
         }
-        let v = voucher.voucher;
-        if let Some(round_trip) = meter.accept(&v.channel, v.cumulative, v.sequence) {
-            shared.metrics.paid_after(round_trip);
-        }
-        let verdict = VoucherVerdict::Accepted;
-        shared.metrics.voucher(verdict.label());
-        let result = Frame::VoucherResult { sequence: v.sequence, verdict };
-        if !matches!(tokio::time::timeout(limit, session.outbox.send(result)).await, Ok(Ok(()))) {
-            session.close(CloseReason::Protocol);
-            return;
-        }
+        meter.synced(&voucher.voucher.channel, voucher.voucher.cumulative);
     }
 }
 

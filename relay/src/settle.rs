@@ -96,8 +96,13 @@ pub(crate) async fn final_round(shared: &Shared, deadline: Duration) -> SettleRe
     }
 }
 
-/// Submits every stored voucher newer than what was settled.
+/// Submits every stored voucher newer than what was settled, once they are
+/// synced: the log never holds less than the ledger paid.
 pub(crate) async fn round(shared: &Shared) -> SettleReport {
+    if let Err(error) = shared.store.sync().await {
+        tracing::error!(%error, "cannot sync the voucher log; not settling");
+        return SettleReport { incomplete: true, ..SettleReport::default() };
+    }
     let latest = shared.store.all_latest();
     let received: u128 = latest.iter().map(|v| v.voucher.cumulative.attos()).sum();
     let mut due: Vec<SignedVoucher> = latest

@@ -1,12 +1,16 @@
 //! The durable voucher store: every accepted voucher is appended to a log
-//! file and synced to disk before it counts, so a relay killed at any moment
-//! still holds (and settles) every voucher it acknowledged.
+//! file, synced to disk in group commits, and held in memory as the newest
+//! voucher of its channel.
 //!
-//! Appends are group-committed: one writer thread takes every voucher queued
-//! while the previous sync ran, writes them together and syncs once, then
-//! acknowledges each. Only the newest voucher of a channel matters (amounts
-//! are cumulative), so the log is compacted to one voucher per channel when
-//! it is opened.
+//! A voucher counts once it is verified ([`VoucherStore::submit`]); it does
+//! not wait for the disk. One writer thread syncs whatever was queued at
+//! most every [`SYNC_INTERVAL`] (and at once when [`VoucherStore::sync`]
+//! asks, before a settlement round), writing every queued voucher and
+//! calling `fdatasync` once. Vouchers are cumulative, so a crash loses only
+//! each channel's increment since its last synced voucher; the meter bounds
+//! that increment in bytes ([`crate::meter::MAX_UNSYNCED_BYTES`]). Only the
+//! newest voucher of a channel matters, so the log is compacted to one
+//! voucher per channel when it is opened.
 //!
 //! The log is preallocated: zero-filled space is written (and synced) ahead
 //! of the records, so an append overwrites bytes already on disk and its
@@ -20,12 +24,18 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ferry_proto::{ChannelId, SIGNED_VOUCHER_LEN, SignedVoucher};
 use tokio::sync::{mpsc, oneshot};
 
 /// The most appends waiting for the writer; senders wait when it is full.
 pub const STORE_QUEUE: usize = 4096;
+/// The longest a verified voucher waits for its sync while the disk keeps
+/// up: the writer syncs what was queued at most this often (and at once
+/// for [`VoucherStore::sync`]), so one sync serves every voucher of the
+/// interval.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(2);
 /// The most vouchers written by one sync.
 const MAX_GROUP: usize = 1024;
 /// Bytes of a record: a signed voucher, then the first bytes of its blake3
@@ -51,7 +61,9 @@ pub enum StoreError {
     Closed,
 }
 
-type Append = (SignedVoucher, oneshot::Sender<Result<(), String>>);
+/// A voucher to write, or (none) a barrier: answered once everything
+/// queued before it is synced.
+type Append = (Option<SignedVoucher>, oneshot::Sender<Result<(), String>>);
 
 /// The log and, in memory, the newest voucher of each channel.
 #[derive(Debug, Clone)]
@@ -89,22 +101,36 @@ impl VoucherStore {
         }
         let log = Log::compact(path, latest.values()).map_err(io)?;
         let (queue, appends) = mpsc::channel(STORE_QUEUE);
-        let latest = Arc::new(Mutex::new(latest));
-        let written = Arc::clone(&latest);
         std::thread::Builder::new()
             .name("ferry-voucher-log".into())
-            .spawn(move || write_loop(log, appends, written))
+            .spawn(move || write_loop(log, appends))
             .map_err(io)?;
+        let latest = Arc::new(Mutex::new(latest));
         Ok(VoucherStore { latest, queue, path: path.to_owned() })
     }
 
-    /// Queues `voucher` for the disk; the caller has checked it, and it
-    /// counts once [`Stored::durable`] says it is synced. Waits while
-    /// [`STORE_QUEUE`] appends are queued.
+    /// Takes `voucher`, which the caller has checked: it is the channel's
+    /// newest at once (for settlement and for sessions that resume), and it
+    /// is queued for the disk, where [`Stored::durable`] says it is synced.
+    /// Waits while [`STORE_QUEUE`] appends are queued.
     pub async fn submit(&self, voucher: SignedVoucher) -> Result<Stored, StoreError> {
         let (done, written) = oneshot::channel();
-        self.queue.send((voucher, done)).await.map_err(|_| StoreError::Closed)?;
+        self.queue.send((Some(voucher), done)).await.map_err(|_| StoreError::Closed)?;
+        let mut latest = self.lock();
+        let newer = latest
+            .get(&voucher.voucher.channel)
+            .is_none_or(|known| known.voucher.sequence < voucher.voucher.sequence);
+        if newer {
+            latest.insert(voucher.voucher.channel, voucher);
+        }
         Ok(Stored { written, path: self.path.clone() })
+    }
+
+    /// Waits until every voucher submitted so far is synced.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let (done, written) = oneshot::channel();
+        self.queue.send((None, done)).await.map_err(|_| StoreError::Closed)?;
+        Stored { written, path: self.path.clone() }.durable().await
     }
 
     /// The newest stored voucher of `channel`.
@@ -229,32 +255,29 @@ impl Log {
 /// The writer: a thread of its own, so that a sync costs the vouchers
 /// waiting for it one thread wake-up rather than a trip through the
 /// runtime's blocking pool. It ends when every handle to the store is gone.
-fn write_loop(
-    mut log: Log,
-    mut appends: mpsc::Receiver<Append>,
-    latest: Arc<Mutex<HashMap<ChannelId, SignedVoucher>>>,
-) {
+fn write_loop(mut log: Log, mut appends: mpsc::Receiver<Append>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
+    let mut last_sync = Instant::now();
     while let Some(first) = appends.blocking_recv() {
+        // A barrier is synced at once; vouchers gather for the interval.
+        if first.0.is_some() {
+            std::thread::sleep(SYNC_INTERVAL.saturating_sub(last_sync.elapsed()));
+        }
         group.push(first);
         while group.len() < MAX_GROUP
             && let Ok(next) = appends.try_recv()
         {
             group.push(next);
         }
-        let records: Vec<u8> = group.iter().flat_map(|(voucher, _)| record(voucher)).collect();
-        let written = log.append(&records).map_err(|error| error.to_string());
-        if written.is_ok() {
-            let mut latest = latest.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (voucher, _) in &group {
-                let newer = latest
-                    .get(&voucher.voucher.channel)
-                    .is_none_or(|known| known.voucher.sequence < voucher.voucher.sequence);
-                if newer {
-                    latest.insert(voucher.voucher.channel, *voucher);
-                }
-            }
-        }
+        let records: Vec<u8> =
+            group.iter().filter_map(|(voucher, _)| voucher.as_ref()).flat_map(record).collect();
+        // Everything queued before a lone barrier was synced already.
+        let written = if records.is_empty() {
+            Ok(())
+        } else {
+            last_sync = Instant::now();
+            log.append(&records).map_err(|error| error.to_string())
+        };
         for (_, done) in group.drain(..) {
             let _ = done.send(written.clone());
         }
@@ -285,6 +308,27 @@ mod tests {
             damaged[index] ^= 1;
             assert_eq!(parse_record(&damaged), None, "a flipped bit at {index}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_voucher_is_the_newest_at_once_and_sync_waits_for_the_disk() {
+        let dir = std::env::temp_dir().join(format!("ferry-store-sync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vouchers.log");
+        let _ = std::fs::remove_file(&path);
+        let store = VoucherStore::open(&path).unwrap();
+        store.sync().await.unwrap();
+        let channel = ChannelId::from_bytes([1; 32]);
+        let stored = store.submit(voucher(1, 5)).await.unwrap();
+        assert_eq!(store.latest(&channel), Some(voucher(1, 5)), "counted before its sync");
+        store.submit(voucher(1, 4)).await.unwrap();
+        assert_eq!(store.latest(&channel), Some(voucher(1, 5)), "an older one is not the newest");
+        store.sync().await.unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(parse_record(&bytes[..RECORD_LEN]), Some(voucher(1, 5)), "on disk after sync");
+        assert_eq!(parse_record(&bytes[RECORD_LEN..2 * RECORD_LEN]), Some(voucher(1, 4)));
+        stored.durable().await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
