@@ -18,6 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use ferry_proto::PublicKey;
 use tokio::io::{
     AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf, ReadHalf, WriteHalf,
@@ -49,8 +50,8 @@ pub const APP_BUFFER_BYTES: usize = 256 << 10;
 /// the connection stops reading the link (TCP backpressure reaches the
 /// peer), but keeps sending acknowledgements and keepalives.
 pub const RECEIVE_BUFFER_BYTES: usize = 1 << 20;
-/// The most data one record carries.
-const DATA_CHUNK_BYTES: usize = 32 << 10;
+/// The most data one record carries: all that fits beside its type byte.
+const DATA_CHUNK_BYTES: usize = MAX_PLAINTEXT_BYTES - 1;
 /// Records read ahead from a link.
 const LINK_RECORDS: usize = 16;
 /// The pause between two redials that both found no route.
@@ -107,7 +108,7 @@ pub enum Record {
         received: u64,
     },
     /// The next bytes of the stream (1 to `MAX_PLAINTEXT_BYTES - 1`).
-    Data(Vec<u8>),
+    Data(Bytes),
     /// Stream positions the sender has received.
     Ack {
         /// The count.
@@ -152,8 +153,9 @@ impl Record {
         }
     }
 
-    /// Decodes one record, refusing trailing or missing bytes.
-    pub fn decode(bytes: &[u8]) -> Result<Record, RecordError> {
+    /// Decodes one record, refusing trailing or missing bytes. A data
+    /// record's bytes are taken, not copied.
+    pub fn decode(bytes: Bytes) -> Result<Record, RecordError> {
         let u64_at = |field: &[u8]| {
             <[u8; 8]>::try_from(field).map(u64::from_be_bytes).map_err(|_| RecordError("length"))
         };
@@ -164,7 +166,7 @@ impl Record {
                     ConnectionId::try_from(connection).map_err(|_| RecordError("length"))?;
                 Ok(Record::Hello { connection, received: u64_at(received)? })
             }
-            Some((&DATA, rest)) if !rest.is_empty() => Ok(Record::Data(rest.to_vec())),
+            Some((&DATA, rest)) if !rest.is_empty() => Ok(Record::Data(bytes.slice(1..))),
             Some((&ACK, rest)) => Ok(Record::Ack { received: u64_at(rest)? }),
             Some((&FIN, [])) => Ok(Record::Fin),
             Some((&(HELLO | DATA | FIN), _)) => Err(RecordError("length")),
@@ -204,7 +206,7 @@ impl Link {
 
     /// Reads one record.
     pub async fn receive(&mut self) -> Result<Record, LinkError> {
-        Ok(Record::decode(&self.reader.read().await?)?)
+        Ok(Record::decode(Bytes::from(self.reader.read().await?))?)
     }
 }
 
@@ -285,11 +287,12 @@ impl AsyncWrite for Stream {
 /// a peer that stops reading cannot stall this side's reading, acks or
 /// keepalives.
 struct Active {
-    /// Hello, Data and Fin, in order. Unbounded as a queue, but bounded by
-    /// the send window: data is queued once per link and only while
-    /// `sent - acked` is below the send window (at most
-    /// [`MAX_SEND_WINDOW_BYTES`]).
-    outbox: mpsc::UnboundedSender<Record>,
+    /// Encoded Hello, Data and Fin records, in order. Unbounded as a queue,
+    /// but bounded by the send window: data is queued once per link and
+    /// only while `sent - acked` is below the send window (at most
+    /// [`MAX_SEND_WINDOW_BYTES`]). A data record is the same buffer that
+    /// [`Unacked`] keeps, shared, not copied.
+    outbox: mpsc::UnboundedSender<Bytes>,
     /// The newest count to acknowledge; the writer sends the latest only.
     acks: watch::Sender<u64>,
     records: mpsc::Receiver<Result<Record, LinkError>>,
@@ -344,22 +347,23 @@ impl Drop for Active {
     }
 }
 
-/// Bytes sent and kept until acknowledged.
+/// Bytes sent and kept until acknowledged, as the encoded data records
+/// they were sent in (a type byte, then the data).
 #[derive(Default)]
 struct Unacked {
-    chunks: VecDeque<Vec<u8>>,
-    /// Bytes of the first chunk already acknowledged.
+    records: VecDeque<Bytes>,
+    /// Data bytes of the first record already acknowledged.
     front_skip: usize,
 }
 
 impl Unacked {
-    /// Forgets the first `count` bytes.
+    /// Forgets the first `count` data bytes.
     fn drop_front(&mut self, mut count: u64) {
         while count > 0 {
-            let Some(front) = self.chunks.front() else { return };
-            let left = (front.len() - self.front_skip) as u64;
+            let Some(front) = self.records.front() else { return };
+            let left = (front.len() - 1 - self.front_skip) as u64;
             if count >= left {
-                self.chunks.pop_front();
+                self.records.pop_front();
                 self.front_skip = 0;
                 count -= left;
             } else {
@@ -374,7 +378,7 @@ impl Unacked {
 /// Bytes received and not yet taken by the application.
 #[derive(Default)]
 struct Inbox {
-    chunks: VecDeque<Vec<u8>>,
+    chunks: VecDeque<Bytes>,
     /// Bytes of the first chunk already delivered.
     front_taken: usize,
     bytes: usize,
@@ -517,7 +521,7 @@ impl Connection {
 
     async fn serve(&mut self, first: Offered) -> Result<(), Fatal> {
         self.install(first)?;
-        let mut buffer = vec![0u8; DATA_CHUNK_BYTES];
+        let mut buffer = BytesMut::new();
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.done() {
@@ -526,10 +530,8 @@ impl Connection {
             let relink_deadline =
                 self.unlinked_since.map_or_else(Instant::now, |since| since + RELINK_TIMEOUT);
             tokio::select! {
-                read = self.app_reader.read(&mut buffer), if !self.app_ended && room => {
-                    // An error here means the application dropped its end.
-                    let read = read.unwrap_or(0);
-                    self.on_app_bytes(&buffer[..read]);
+                read = read_data_record(&mut self.app_reader, &mut buffer), if !self.app_ended && room => {
+                    self.on_app_bytes(read);
                 }
                 written = write_front(&mut self.app_writer, &self.inbox), if self.inbox.bytes > 0 => {
                     let written = written.map_err(|_| Fatal::AppGone)?;
@@ -571,29 +573,32 @@ impl Connection {
         }
     }
 
-    /// Queues a record on the link; a link whose writer ended is lost.
-    fn send(&mut self, record: Record) {
+    /// Queues an encoded record on the link; a link whose writer ended is
+    /// lost.
+    fn send(&mut self, record: Bytes) {
         let Some(link) = self.link.as_ref() else { return };
         if link.outbox.send(record).is_err() {
             self.lose_link("the link's writer ended");
         }
     }
 
-    fn on_app_bytes(&mut self, bytes: &[u8]) {
+    /// Takes what the application wrote: `record` is an encoded data
+    /// record of it, or an empty buffer at the application's end.
+    fn on_app_bytes(&mut self, record: Bytes) {
         let ready = self.link.as_ref().is_some_and(|link| link.ready);
-        if bytes.is_empty() {
+        if record.len() <= 1 {
             self.app_ended = true;
             self.note_finishing();
             if ready {
-                self.send(Record::Fin);
+                self.send(Bytes::from(Record::Fin.encode()));
             }
             return;
         }
-        self.sent += bytes.len() as u64;
-        self.unacked.chunks.push_back(bytes.to_vec());
+        self.sent += record.len() as u64 - 1;
+        self.unacked.records.push_back(record.clone());
         if ready {
             self.window.sent(self.sent, Instant::now());
-            self.send(Record::Data(bytes.to_vec()));
+            self.send(record);
         }
     }
 
@@ -693,23 +698,25 @@ impl Connection {
         }
         // The peer answered: this link counts as a route again.
         self.unlinked_since = None;
-        let mut skip = self.unacked.front_skip;
-        let resend: Vec<Vec<u8>> = self
+        // Whole records go again as they are; an acknowledged part of the
+        // first is cut off.
+        let skip = self.unacked.front_skip;
+        let resend: Vec<Bytes> = self
             .unacked
-            .chunks
+            .records
             .iter()
-            .map(|chunk| {
-                let rest = chunk[skip..].to_vec();
-                skip = 0;
-                rest
+            .enumerate()
+            .map(|(index, record)| match index {
+                0 if skip > 0 => Bytes::from(Record::Data(record.slice(1 + skip..)).encode()),
+                _ => record.clone(),
             })
             .collect();
         self.window.resent();
-        for chunk in resend {
-            self.send(Record::Data(chunk));
+        for record in resend {
+            self.send(record);
         }
         if self.app_ended && self.acked <= self.sent {
-            self.send(Record::Fin);
+            self.send(Bytes::from(Record::Fin.encode()));
         }
         Ok(())
     }
@@ -726,7 +733,7 @@ impl Connection {
         let reading = tokio::spawn(read_records(reader, records_tx));
         let (outbox, queued) = mpsc::unbounded_channel();
         let (acks, acks_rx) = watch::channel(self.received);
-        let hello = Record::Hello { connection: self.id, received: self.received };
+        let hello = Record::Hello { connection: self.id, received: self.received }.encode();
         let writing = tokio::spawn(write_records(writer, hello, queued, acks_rx));
         tracing::debug!(%route, peer = %self.peer, "peer stream on a new link");
         self.link = Some(Active {
@@ -780,6 +787,20 @@ impl Connection {
     }
 }
 
+/// Reads what the application wrote, at most [`DATA_CHUNK_BYTES`], into
+/// `buffer` behind a data record's type byte, and returns the encoded
+/// record; a bare type byte (or nothing) when the application ended its
+/// writing or dropped its end. The buffer is reused once every record cut
+/// from it is acknowledged.
+async fn read_data_record(app: &mut ReadHalf<DuplexStream>, buffer: &mut BytesMut) -> Bytes {
+    buffer.clear();
+    buffer.reserve(1 + DATA_CHUNK_BYTES);
+    buffer.put_u8(DATA);
+    // An error here means the application dropped its end.
+    let _ = app.read_buf(&mut (&mut *buffer).limit(DATA_CHUNK_BYTES)).await;
+    buffer.split().freeze()
+}
+
 /// Writes as much of the inbox's first chunk as the application takes.
 async fn write_front(app: &mut WriteHalf<DuplexStream>, inbox: &Inbox) -> std::io::Result<usize> {
     let Some(front) = inbox.chunks.front() else { return Ok(0) };
@@ -801,7 +822,7 @@ async fn next_record(link: &mut Option<Active>) -> Option<Result<Record, LinkErr
 async fn read_records(mut reader: SecureReader, records: mpsc::Sender<Result<Record, LinkError>>) {
     loop {
         let record = match reader.read().await {
-            Ok(bytes) => Record::decode(&bytes).map_err(LinkError::from),
+            Ok(bytes) => Record::decode(Bytes::from(bytes)).map_err(LinkError::from),
             Err(error) => Err(LinkError::from(error)),
         };
         let last = record.is_err();
@@ -811,22 +832,22 @@ async fn read_records(mut reader: SecureReader, records: mpsc::Sender<Result<Rec
     }
 }
 
-/// Writes one record; false if it failed. A write may wait as long as the
-/// peer does not read: a slow application is not a dead link, which the
-/// reading side detects by its silence.
-async fn write_record(writer: &mut SecureWriter, record: Record) -> bool {
-    writer.write(&record.encode()).await.is_ok()
+/// Writes one encoded record; false if it failed. A write may wait as
+/// long as the peer does not read: a slow application is not a dead link,
+/// which the reading side detects by its silence.
+async fn write_record(writer: &mut SecureWriter, record: &[u8]) -> bool {
+    writer.write(record).await.is_ok()
 }
 
 /// Writes `hello`, then queued records and the newest acknowledgement,
 /// until the queue closes (then it ends the link) or a write fails.
 async fn write_records(
     mut writer: SecureWriter,
-    hello: Record,
-    mut queued: mpsc::UnboundedReceiver<Record>,
+    hello: Vec<u8>,
+    mut queued: mpsc::UnboundedReceiver<Bytes>,
     mut acks: watch::Receiver<u64>,
 ) {
-    if !write_record(&mut writer, hello).await {
+    if !write_record(&mut writer, &hello).await {
         return;
     }
     acks.mark_unchanged();
@@ -838,11 +859,11 @@ async fn write_records(
                 None => break,
             },
             changed = acks.changed() => match changed {
-                Ok(()) => Record::Ack { received: *acks.borrow_and_update() },
+                Ok(()) => Bytes::from(Record::Ack { received: *acks.borrow_and_update() }.encode()),
                 Err(_) => break,
             },
         };
-        if !write_record(&mut writer, record).await {
+        if !write_record(&mut writer, &record).await {
             return;
         }
     }
@@ -854,12 +875,12 @@ async fn write_records(
         last.has_changed().then_some(*last)
     };
     if let Some(received) = last {
-        write_record(&mut writer, Record::Ack { received }).await;
+        write_record(&mut writer, &Record::Ack { received }.encode()).await;
     }
     let _ = writer.shutdown().await;
 }
 
-/// The largest data record that fits in one encrypted record.
+/// The largest data record fits in one encrypted record.
 const _: () = assert!(DATA_CHUNK_BYTES < MAX_PLAINTEXT_BYTES);
 
 #[cfg(test)]
@@ -872,7 +893,8 @@ mod tests {
         prop_oneof![
             (any::<[u8; 16]>(), any::<u64>())
                 .prop_map(|(connection, received)| Record::Hello { connection, received }),
-            proptest::collection::vec(any::<u8>(), 1..512).prop_map(Record::Data),
+            proptest::collection::vec(any::<u8>(), 1..512)
+                .prop_map(|data| Record::Data(Bytes::from(data))),
             any::<u64>().prop_map(|received| Record::Ack { received }),
             Just(Record::Fin),
         ]
@@ -881,7 +903,7 @@ mod tests {
     proptest! {
         #[test]
         fn records_round_trip(record in record()) {
-            prop_assert_eq!(Record::decode(&record.encode()), Ok(record));
+            prop_assert_eq!(Record::decode(Bytes::from(record.encode())), Ok(record));
         }
 
         #[test]
@@ -890,16 +912,16 @@ mod tests {
             let mut longer = bytes.clone();
             longer.push(0);
             if !matches!(record, Record::Data(_)) {
-                prop_assert!(Record::decode(&longer).is_err());
+                prop_assert!(Record::decode(Bytes::from(longer)).is_err());
             }
             if bytes.len() > 1 && !matches!(record, Record::Data(_)) {
-                prop_assert!(Record::decode(&bytes[..bytes.len() - 1]).is_err());
+                prop_assert!(Record::decode(Bytes::copy_from_slice(&bytes[..bytes.len() - 1])).is_err());
             }
         }
 
         #[test]
         fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let _ = Record::decode(&bytes);
+            let _ = Record::decode(Bytes::from(bytes));
         }
     }
 
@@ -908,7 +930,7 @@ mod tests {
         let doc = include_str!("../../docs/PROTOCOL.md");
         for record in [
             Record::Hello { connection: [7; 16], received: 5 },
-            Record::Data(b"hi".to_vec()),
+            Record::Data(Bytes::from_static(b"hi")),
             Record::Ack { received: 1 << 20 },
             Record::Fin,
         ] {
@@ -922,21 +944,22 @@ mod tests {
 
     #[test]
     fn unknown_empty_and_short_records_are_refused() {
-        assert_eq!(Record::decode(&[]), Err(RecordError("empty")));
-        assert_eq!(Record::decode(&[9]), Err(RecordError("unknown type")));
-        assert_eq!(Record::decode(&[DATA]), Err(RecordError("length")));
-        assert_eq!(Record::decode(&[ACK, 0]), Err(RecordError("length")));
+        assert_eq!(Record::decode(Bytes::new()), Err(RecordError("empty")));
+        assert_eq!(Record::decode(Bytes::from_static(&[9])), Err(RecordError("unknown type")));
+        assert_eq!(Record::decode(Bytes::from_static(&[DATA])), Err(RecordError("length")));
+        assert_eq!(Record::decode(Bytes::from_static(&[ACK, 0])), Err(RecordError("length")));
     }
 
     #[test]
     fn acknowledged_bytes_leave_the_buffer_across_chunks() {
         let mut unacked = Unacked::default();
-        unacked.chunks.extend([vec![1; 10], vec![2; 10], vec![3; 10]]);
+        let record = |byte| Bytes::from(Record::Data(Bytes::from(vec![byte; 10])).encode());
+        unacked.records.extend([record(1), record(2), record(3)]);
         unacked.drop_front(15);
-        assert_eq!(unacked.chunks.len(), 2);
+        assert_eq!(unacked.records.len(), 2);
         assert_eq!(unacked.front_skip, 5);
         unacked.drop_front(100);
-        assert!(unacked.chunks.is_empty());
+        assert!(unacked.records.is_empty());
         assert_eq!(unacked.front_skip, 0);
     }
 

@@ -24,9 +24,9 @@ pub fn rows(table: &mut Table) -> anyhow::Result<()> {
         ("ferry's resolver (ring ChaCha20-Poly1305)", ferry),
     ] {
         table.row(format!(
-            "| AEAD, {name}: encrypt / encrypt and decrypt, {} KiB records, one core | \
+            "| AEAD, {name}: encrypt / encrypt and decrypt, {}-byte records, one core | \
              {sealed:.0} / {both:.0} MiB/s | snow's default: {:.0} / {:.0} MiB/s | {:.2}× / {:.2}× |",
-            MAX_PLAINTEXT_BYTES >> 10,
+            MAX_PLAINTEXT_BYTES,
             default.0,
             default.1,
             sealed / default.0,
