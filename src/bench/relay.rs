@@ -118,7 +118,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
             mib_s(free) / mib_s(proxy)
         ));
         table.row(format!(
-            "| round {}: payment round trip, 1 MiB window (invoice → voucher synced and counted), mean of {} | {} µs | one voucher record's write + fdatasync on the same disk, median: {} µs | {:.1}× |",
+            "| round {}: payment round trip, 1 MiB window (invoice → voucher verified and counted), mean of {} | {} µs | one voucher record's write + fdatasync on the same disk, median: {} µs | {:.1}× |",
             round + 1,
             paid.round_trips,
             paid.round_trip.as_micros(),
