@@ -12,6 +12,24 @@ fn ferry(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output().expect("ferry runs")
 }
 
+/// A running demo, stopped as its user would stop it (SIGTERM, so that it
+/// removes its cluster and relays) when the test ends, also by a panic.
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn text(output: &Output) -> String {
     format!(
         "{}{}",
@@ -23,13 +41,15 @@ fn text(output: &Output) -> String {
 #[test]
 fn the_demo_runs_the_whole_market_and_keeps_the_registry_up_when_asked() {
     use std::io::BufRead;
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["demo", "--keep", "--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = demo.stdout.take().unwrap();
+    let mut demo = Demo(
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["demo", "--keep", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = demo.0.stdout.take().unwrap();
     let (lines, received) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines() {
@@ -58,7 +78,9 @@ fn the_demo_runs_the_whole_market_and_keeps_the_registry_up_when_asked() {
         "the registry's probes find relay-a down",
         "settles them in its next round",
         "reputation, as the registry computes it",
-        "closed: deposited 0.04",
+        // How often a channel was topped up depends on how far its
+        // client paid ahead; that every channel closes does not.
+        "closed: deposited 0.",
         "withdraws its earnings",
         "all invariants hold",
     ] {
@@ -76,9 +98,10 @@ fn the_demo_runs_the_whole_market_and_keeps_the_registry_up_when_asked() {
         assert_eq!(totals["open_channels"], 0, "{totals}");
         assert_eq!(totals["in_escrow"], "0", "{totals}");
     });
-    let signalled = Command::new("kill").args(["-TERM", &demo.id().to_string()]).status().unwrap();
+    let signalled =
+        Command::new("kill").args(["-TERM", &demo.0.id().to_string()]).status().unwrap();
     assert!(signalled.success());
-    let status = demo.wait().unwrap();
+    let status = demo.0.wait().unwrap();
     let rest: Vec<String> = received.iter().collect();
     assert!(status.success(), "{shown}{}", rest.join("\n"));
     assert!(rest.iter().any(|line| line.contains("removed its directory")), "{rest:?}");

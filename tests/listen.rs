@@ -49,7 +49,7 @@ async fn a_dial_right_after_listen_returns_is_never_refused_as_not_listening() {
     let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let relay = RunningRelay::start(&registry, &relay_key, |_| {}, store_dir("listen")).await;
     let at = relay.address.clone();
-    let payer = Payer { channel, key: caller.clone() };
+    let payer = Payer::new(channel, caller.clone());
     let paying = Session::open(&at, &caller, Some(channel), Some(payer)).await.unwrap();
     let callee_key: PublicKey = callee.public();
 

@@ -74,7 +74,7 @@ async fn a_client_picks_the_cheapest_reputable_relay_pays_for_what_it_carried_an
     let at = chosen.address();
     let listener = Session::open(&at, &callee, None, None).await.unwrap();
     listener.listen(ListenPolicy::Open).await.unwrap();
-    let payer = Payer { channel: channel.id, key: caller.clone() };
+    let payer = Payer::new(channel.id, caller.clone());
     let session = Session::open(&at, &caller, Some(channel.id), Some(payer)).await.unwrap();
     let bytes: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
     let sent = bytes.clone();

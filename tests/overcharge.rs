@@ -3,13 +3,13 @@
 //! (the client's payer refuses the invoice, pays nothing, closes the session
 //! and reports it); one takes the client's payments and stops carrying (the
 //! client, which pays as it counts, loses at most the bytes the sockets
-//! between them hold).
+//! between them hold, and what it paid ahead: at most its prepayment bound).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
-use ferry_client::relay::{Event, Payer, RelayAddress, Session};
+use ferry_client::relay::{DEFAULT_MAX_PREPAY_BYTES, Event, Payer, RelayAddress, Session};
 use ferry_proto::wire::io::{read_frame, write_frame};
 use ferry_proto::wire::{Frame, WIRE_VERSION, transcript};
 use ferry_proto::{Amount, ChannelId, PricePerByte, SecretKey};
@@ -94,11 +94,16 @@ async fn dishonest_relay(seed: u8) -> (TcpListener, SecretKey, RelayAddress) {
 }
 
 /// A session of the client with key seed `client` at `address`, paying
-/// through the channel `[channel; 32]`.
-async fn paying_session(address: &RelayAddress, client: u8, channel: u8) -> Session {
+/// through the channel `[channel; 32]` and ahead at most `max_prepay_bytes`.
+async fn paying_session(
+    address: &RelayAddress,
+    client: u8,
+    channel: u8,
+    max_prepay_bytes: u64,
+) -> Session {
     let client = SecretKey::from_seed(&[client; 32]);
     let channel = ChannelId::from_bytes([channel; 32]);
-    let payer = Payer { channel, key: client.clone() };
+    let payer = Payer { max_prepay_bytes, ..Payer::new(channel, client.clone()) };
     Session::open(address, &client, Some(channel), Some(payer)).await.unwrap()
 }
 
@@ -107,7 +112,7 @@ async fn an_invoice_for_bytes_never_carried_is_refused_and_reported() {
     let (listener, relay_key, address) = dishonest_relay(1).await;
     // Nothing was carried; the relay claims 10 MiB, beyond its 1 MiB window.
     let relay = tokio::spawn(overcharging_relay(listener, relay_key, 10 << 20));
-    let session = paying_session(&address, 2, 9).await;
+    let session = paying_session(&address, 2, 9, DEFAULT_MAX_PREPAY_BYTES).await;
 
     let mut events = Vec::new();
     while let Ok(Some(event)) = tokio::time::timeout(WAIT, session.next_event()).await {
@@ -158,7 +163,7 @@ async fn a_relay_that_takes_payment_and_stops_carrying_costs_at_most_the_sockets
         drop(tunnel);
         paid
     });
-    let session = paying_session(&address, 4, 5).await;
+    let session = paying_session(&address, 4, 5, DEFAULT_MAX_PREPAY_BYTES).await;
     let mut tunnel = session.dial(SecretKey::from_seed(&[6; 32]).public()).await.unwrap();
 
     // Write until the sockets are full: a write that makes no progress for
@@ -191,6 +196,91 @@ async fn a_relay_that_takes_payment_and_stops_carrying_costs_at_most_the_sockets
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_takes_prepayment_and_stops_carrying_costs_at_most_the_prepay_bound() {
+    use tokio::io::AsyncReadExt;
+    const CARRIED: u64 = 64 << 20;
+    const MAX_PREPAY: u64 = 8 << 20;
+    let (listener, relay_key, address) = dishonest_relay(8).await;
+    // The relay carries honestly at first (it reads the tunnel and accepts
+    // every voucher at once, so the client learns the payment's round trip
+    // and pays ahead), then stops reading and keeps accepting.
+    let relay = tokio::spawn(async move {
+        let (mut session, _) = open_session(&listener, &relay_key).await;
+        let mut tunnel = handshake(&listener, &relay_key).await;
+        let Frame::Dial { peer } = read_frame(&mut tunnel).await.unwrap() else {
+            panic!("expected a Dial")
+        };
+        write_frame(&mut tunnel, &Frame::Connected { tunnel: 1, peer }).await.unwrap();
+        let reading = tokio::spawn(async move {
+            let mut buffer = vec![0; 64 << 10];
+            let mut read = 0u64;
+            while read < CARRIED {
+                let room = buffer.len().min(usize::try_from(CARRIED - read).unwrap());
+                match tunnel.read(&mut buffer[..room]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n as u64,
+                }
+            }
+            // Holds the tunnel open, unread, until the session ends.
+            (tunnel, read)
+        });
+        let mut paid = Amount::ZERO;
+        while let Ok(Ok(frame)) = tokio::time::timeout(WAIT, read_frame(&mut session)).await {
+            match frame {
+                Frame::Voucher(signed) => {
+                    paid = paid.max(signed.voucher.cumulative);
+                    let verdict = ferry_proto::wire::VoucherVerdict::Accepted;
+                    let result =
+                        Frame::VoucherResult { sequence: signed.voucher.sequence, verdict };
+                    write_frame(&mut session, &result).await.unwrap();
+                }
+                Frame::Close { .. } => break,
+                _ => {}
+            }
+        }
+        let (_, read) = reading.await.unwrap();
+        (paid, read)
+    });
+    let session = paying_session(&address, 4, 6, MAX_PREPAY).await;
+    let mut tunnel = session.dial(SecretKey::from_seed(&[6; 32]).public()).await.unwrap();
+    let price = PricePerByte::from_attos(1_000_000_000).unwrap();
+    let worth = |bytes: u64| ferry_proto::cost(bytes, price).unwrap();
+    let paid = session.paid();
+    // Write until the sockets are full (as in the test above), noting
+    // whether the client ever paid for more than it had written.
+    let chunk = vec![0x5a; 64 << 10];
+    let (mut written, mut most_ahead) = (0u64, Amount::ZERO);
+    while let Ok(Ok(())) =
+        tokio::time::timeout(Duration::from_secs(1), tunnel.write_all(&chunk)).await
+    {
+        written += chunk.len() as u64;
+        let ahead = paid.borrow().checked_sub(worth(written)).unwrap_or(Amount::ZERO);
+        most_ahead = most_ahead.max(ahead);
+        assert!(written < 1 << 30, "the relay stopped reading, yet 1 GiB went in");
+    }
+    // The close hands the prepayment back; this relay ignores that.
+    let _ = tokio::time::timeout(Duration::from_secs(30), session.close()).await;
+    let (paid, read) = tokio::time::timeout(WAIT * 3, relay).await.unwrap().unwrap();
+    let bound = read + socket_buffer_maxima() + MAX_PREPAY + (64 << 10);
+    println!(
+        "stalling relay after {read} bytes: {written} written, paid {} bytes' worth, at most \
+         {} bytes ahead of the writes, bound {bound} bytes",
+        paid.attos() / price.attos(),
+        most_ahead.attos() / price.attos(),
+    );
+    assert_eq!(read, CARRIED, "the relay carried its first {CARRIED} bytes");
+    assert!(most_ahead > Amount::ZERO, "the client paid ahead while the relay carried");
+    assert!(
+        most_ahead <= worth(MAX_PREPAY),
+        "paid {most_ahead} ahead of the writes, beyond the prepayment bound"
+    );
+    assert!(
+        paid <= worth(bound),
+        "paid {paid}, beyond what was carried, the sockets' contents and the prepayment bound"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paying_session_the_relay_ends_lets_go_of_its_connection() {
     use tokio::io::AsyncReadExt;
     let (listener, relay_key, address) = dishonest_relay(7).await;
@@ -205,7 +295,7 @@ async fn a_paying_session_the_relay_ends_lets_go_of_its_connection() {
         let mut rest = Vec::new();
         tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await.is_ok()
     });
-    let session = paying_session(&address, 8, 6).await;
+    let session = paying_session(&address, 8, 6, DEFAULT_MAX_PREPAY_BYTES).await;
     while let Ok(Some(event)) = tokio::time::timeout(WAIT, session.next_event()).await {
         if matches!(event, Event::Closed { .. }) {
             break;

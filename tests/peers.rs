@@ -360,7 +360,8 @@ async fn carried_bytes(registry: &Registry, metrics_url: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn closing_an_endpoint_pays_for_exactly_the_bytes_the_relay_carried() {
+async fn closing_an_endpoint_pays_for_exactly_the_bytes_the_relay_carried_and_hands_back_its_prepayment()
+ {
     let registry = Registry::start().await;
     let relay_key = key(14);
     // The production window: up to 1 MiB would go unpaid without the tail.
@@ -381,9 +382,10 @@ async fn closing_an_endpoint_pays_for_exactly_the_bytes_the_relay_carried() {
     let budget = Budget { open: amount("1"), top_up: amount("1"), low_water: amount("0.1") };
     let sender = payer(&registry, &sender_key, "2", budget).await;
 
-    let data = payload(5 << 20);
+    let data = payload(32 << 20);
     let mut outgoing =
         tokio::time::timeout(WAIT, sender.dial(receiver_key.public())).await.unwrap().unwrap();
+
     let sent = data.clone();
     let writing = tokio::spawn(async move {
         outgoing.write_all(&sent).await.unwrap();
@@ -393,8 +395,21 @@ async fn closing_an_endpoint_pays_for_exactly_the_bytes_the_relay_carried() {
         answer
     });
     let mut incoming = tokio::time::timeout(WAIT, receiver.accept()).await.unwrap().unwrap();
-    let mut received = Vec::new();
-    tokio::time::timeout(WAIT, incoming.read_to_end(&mut received)).await.unwrap().unwrap();
+    // The most the sender paid at any moment while the bytes came: at
+    // speed it pays ahead of its count.
+    let (mut received, mut peak_paid) = (Vec::new(), Amount::ZERO);
+    let reading = async {
+        let mut chunk = vec![0; 64 << 10];
+        loop {
+            let read = incoming.read(&mut chunk).await.unwrap();
+            peak_paid = sender.paid().values().copied().fold(peak_paid, Amount::max);
+            if read == 0 {
+                return;
+            }
+            received.extend_from_slice(&chunk[..read]);
+        }
+    };
+    tokio::time::timeout(WAIT, reading).await.unwrap();
     assert!(received == data, "the bytes differ from those sent");
     incoming.write_all(b"received").await.unwrap();
     incoming.shutdown().await.unwrap();
@@ -412,7 +427,15 @@ async fn closing_an_endpoint_pays_for_exactly_the_bytes_the_relay_carried() {
     assert_eq!(money.len(), 1, "{money:?}");
     let owed = ferry_proto::cost(carried, price).unwrap();
     let channel = &money[0].channel;
-    println!("the relay carried {carried} bytes; settled {} for {owed}", channel.settled);
+    println!(
+        "the relay carried {carried} bytes; the sender paid up to {peak_paid} on the way; settled \
+         {} for {owed}",
+        channel.settled
+    );
+    assert!(
+        peak_paid > owed,
+        "the sender paid ahead ({peak_paid}), and handed it back at the close"
+    );
     assert_eq!(channel.settled, owed, "settled for {carried} bytes carried");
     assert_eq!(sender.paid().get(&channel.id), Some(&owed), "the endpoint's own record");
     close_all(&sender).await;

@@ -345,7 +345,7 @@ impl Shared {
         let opened = if pay {
             let wallet = self.wallet.as_ref().ok_or(EndpointError::NoWallet)?;
             let channel = wallet.channel_to(&relay.key).await?;
-            let payer = Payer { channel: channel.id, key: self.me.clone() };
+            let payer = Payer::new(channel.id, self.me.clone());
             let session = Session::open(relay, &self.me, Some(channel.id), Some(payer)).await?;
             let window_cost = session.terms.window_cost();
             let paid = session.paid();

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_proto::wire::io::{read_frame, write_frame};
 use ferry_proto::wire::{
@@ -253,13 +253,30 @@ pub enum Event {
 }
 
 /// Pays invoices automatically with vouchers from `key` on `channel`, for
-/// at most the bytes this client's own tunnels counted.
+/// at most the bytes this client's own tunnels counted plus what it pays
+/// ahead, at most `max_prepay_bytes`.
 #[derive(Debug, Clone)]
 pub struct Payer {
     /// The channel.
     pub channel: ChannelId,
     /// The channel's client key.
     pub key: SecretKey,
+    /// The most this client pays ahead of its count: what a relay that
+    /// takes the payment and stops carrying can cost it (docs/CLIENT.md,
+    /// "Paying as it counts").
+    pub max_prepay_bytes: u64,
+}
+
+/// The prepayment bound a [`Payer`] gets from [`Payer::new`]: at the
+/// default price, 1 per GiB, 0.0625 of the currency.
+pub const DEFAULT_MAX_PREPAY_BYTES: u64 = 64 << 20;
+
+impl Payer {
+    /// A payer on `channel` with `key`, paying ahead at most
+    /// [`DEFAULT_MAX_PREPAY_BYTES`].
+    pub fn new(channel: ChannelId, key: SecretKey) -> Payer {
+        Payer { channel, key, max_prepay_bytes: DEFAULT_MAX_PREPAY_BYTES }
+    }
 }
 
 /// Bytes carried by a session's tunnels, both ways, as this client counts
@@ -432,11 +449,12 @@ impl Session {
         self.send(Frame::Voucher(voucher)).await
     }
 
-    /// Ends the session. A paying session first pays for every byte its
-    /// tunnels counted and waits (at most [`CLOSE_PAYMENT_TIMEOUT`]) for
-    /// the relay's verdict: invoices only come while the session lasts, so
-    /// without this the bytes since the last one would go unpaid. It
-    /// closes even when that fails, and then returns why.
+    /// Ends the session. A paying session first pays for exactly the bytes
+    /// its tunnels counted and waits (at most [`CLOSE_PAYMENT_TIMEOUT`])
+    /// for the relay's verdict: invoices only come while the session lasts,
+    /// so without this the bytes since the last one would go unpaid, and
+    /// what it paid ahead and was not carried is handed back by a voucher
+    /// for less. It closes even when that fails, and then returns why.
     pub async fn close(&self) -> Result<(), RelayError> {
         let paid = self.pay_counted().await;
         let closed =
@@ -444,14 +462,15 @@ impl Session {
         paid.and(closed)
     }
 
-    /// Pays for everything counted and waits for the verdict on the newest
+    /// Pays exactly for everything counted (handing back what was paid
+    /// ahead and not carried) and waits for the verdict on the newest
     /// voucher (this one, or one still on its way).
     async fn pay_counted(&self) -> Result<(), RelayError> {
         if self.billing.payer.is_none() {
             return Ok(());
         }
         let mut verdicts = self.verdicts.clone();
-        self.billing.pay(&self.writer, Claim::Counted).await?;
+        self.billing.pay(&self.writer, Claim::Close).await?;
         let sequence = self.billing.newest_sequence();
         let heard = verdicts.wait_for(|verdicts| verdicts.on(sequence).is_some());
         let verdict = match tokio::time::timeout(CLOSE_PAYMENT_TIMEOUT, heard).await {
@@ -486,9 +505,17 @@ enum Claim {
         /// The cumulative amount it asks for.
         due: Amount,
     },
-    /// Everything this client counted, unasked: the session is closing
-    /// and no invoice will come for the last bytes.
-    Counted,
+    /// Everything this client counted and `ahead_bytes` more, unasked,
+    /// if that is more than paid: paying as it counts (and ahead, to keep
+    /// the relay's window open over the payment's round trip).
+    Counted {
+        /// Bytes paid for before they are counted.
+        ahead_bytes: u64,
+    },
+    /// Exactly what this client counted, more or less than paid: the
+    /// session is closing, no invoice will come for the last bytes, and
+    /// what was paid ahead and not carried is handed back.
+    Close,
 }
 
 /// The vouchers a paying session sent and what the relay did with them.
@@ -500,8 +527,14 @@ struct Vouchers {
     sequence: u64,
     /// The newest voucher the relay accepted.
     accepted: Amount,
-    /// Vouchers sent whose verdict has not come, oldest first.
-    awaiting: VecDeque<(u64, Amount)>,
+    /// Vouchers sent whose verdict has not come, oldest first, and when
+    /// they were sent.
+    awaiting: VecDeque<(u64, Amount, Instant)>,
+    /// The payment's smoothed round trip, voucher to acceptance.
+    round_trip: Option<Duration>,
+    /// The relay refused a voucher as beyond the escrow: this session pays
+    /// nothing ahead any more.
+    no_prepay: bool,
 }
 
 /// The relay's verdicts on a session's vouchers, for [`Session::close`].
@@ -562,6 +595,8 @@ impl Billing {
             sequence: terms.sequence,
             accepted: terms.paid,
             awaiting: VecDeque::new(),
+            round_trip: None,
+            no_prepay: false,
         };
         Billing {
             payer,
@@ -580,27 +615,37 @@ impl Billing {
 
     /// Checks a claim against this client's count, with `paid` the newest
     /// voucher's amount. The relay carries at most `paid bytes + credit
-    /// window`, and this client pays for no more than it counted, so an
-    /// honest invoice never claims more than `counted + credit window`.
+    /// window`, and this client pays for no more than it counted and what
+    /// it paid ahead, so an honest invoice never claims more than the
+    /// larger of the count and the paid bytes, plus the credit window.
     /// Within that, the client pays the due amount but never more than its
-    /// own count is worth; unasked, it pays exactly its count's worth.
+    /// own count is worth; unasked, it pays its count's worth and what it
+    /// pays ahead.
     fn answer(&self, claim: Claim, paid: Amount) -> Answer {
         let counted = self.tally.count();
         let terms = &self.terms;
+        let paid_bytes = match terms.price_per_byte.attos() {
+            0 => 0,
+            price => {
+                let paid_attos = paid.attos().saturating_sub(terms.paid.attos());
+                u64::try_from(paid_attos / price).unwrap_or(u64::MAX)
+            }
+        };
+        let honest_limit = counted.max(paid_bytes).saturating_add(terms.credit_window_bytes);
         let (billable, due) = match claim {
-            Claim::Invoice { carried_bytes, .. }
-                if carried_bytes > counted.saturating_add(terms.credit_window_bytes) =>
-            {
+            Claim::Invoice { carried_bytes, .. } if carried_bytes > honest_limit => {
                 return Answer::Refuse { counted_bytes: counted };
             }
             Claim::Invoice { carried_bytes, due } => (counted.min(carried_bytes), Some(due)),
-            Claim::Counted => (counted, None),
+            Claim::Counted { ahead_bytes } => (counted.saturating_add(ahead_bytes), None),
+            Claim::Close => (counted, None),
         };
         let owed = ferry_proto::cost(billable, terms.price_per_byte)
             .and_then(|cost| terms.paid.checked_add(cost));
         let Ok(owed) = owed else { return Answer::Refuse { counted_bytes: counted } };
         let amount = due.map_or(owed, |due| due.min(owed));
-        if amount > paid { Answer::Pay(amount) } else { Answer::Wait }
+        let pays = amount > paid || (claim == Claim::Close && amount < paid);
+        if pays { Answer::Pay(amount) } else { Answer::Wait }
     }
 
     /// Answers `claim`: writes the next voucher if one is owed and returns
@@ -628,7 +673,7 @@ impl Billing {
             if vouchers.awaiting.len() >= VOUCHERS_AWAITING_VERDICT {
                 vouchers.awaiting.pop_front();
             }
-            vouchers.awaiting.push_back((sequence, amount));
+            vouchers.awaiting.push_back((sequence, amount, Instant::now()));
             let voucher = Voucher { channel: payer.channel, sequence, cumulative: amount };
             (voucher, Frame::Voucher(voucher.sign(&payer.key)))
         };
@@ -649,19 +694,29 @@ impl Billing {
     fn heard(&self, sequence: u64, verdict: VoucherVerdict) {
         let published = {
             let mut vouchers = self.vouchers();
-            while vouchers.awaiting.front().is_some_and(|(awaiting, _)| *awaiting < sequence) {
+            while vouchers.awaiting.front().is_some_and(|(awaiting, ..)| *awaiting < sequence) {
                 vouchers.awaiting.pop_front();
             }
-            let amount = match vouchers.awaiting.front() {
-                Some(&(awaiting, amount)) if awaiting == sequence => {
+            let sent = match vouchers.awaiting.front() {
+                Some(&(awaiting, amount, sent_at)) if awaiting == sequence => {
                     vouchers.awaiting.pop_front();
-                    Some(amount)
+                    Some((amount, sent_at))
                 }
                 _ => None,
             };
-            match (verdict, amount) {
-                (VoucherVerdict::Accepted, Some(amount)) => {
-                    vouchers.accepted = vouchers.accepted.max(amount);
+            if verdict == VoucherVerdict::OverEscrow {
+                vouchers.no_prepay = true;
+            }
+            match (verdict, sent) {
+                (VoucherVerdict::Accepted, Some((amount, sent_at))) => {
+                    // Verdicts come in order: the newest accepted counts,
+                    // lower (prepayment handed back) or higher.
+                    vouchers.accepted = amount;
+                    let sample = sent_at.elapsed();
+                    vouchers.round_trip = Some(match vouchers.round_trip {
+                        Some(smoothed) => (smoothed * 7 + sample) / 8,
+                        None => sample,
+                    });
                     None
                 }
                 (VoucherVerdict::Accepted, None) => None,
@@ -679,20 +734,67 @@ impl Billing {
 
 /// The fewest counted bytes between two vouchers sent unasked.
 const MIN_PAY_EVERY_BYTES: u64 = 16 << 10;
+/// At a steady rate the payer sends about one voucher per this interval
+/// once it pays ahead; it is also the shortest interval a rate is measured
+/// over.
+const PAY_INTERVAL: Duration = Duration::from_millis(10);
 
-/// Pays for this session's counted bytes as they grow, every half credit
-/// window, without waiting for the relay's invoice: the voucher for a byte
-/// leaves when the byte is counted here, so it reaches the relay about when
-/// the byte does, and the window never waits a round trip for payment.
-/// What the client pays for is still only what its own tunnels counted.
-/// Ends with the session's reader (the relay ended the session, or this
-/// client closed it or refused the relay).
+/// The payer's view of the session's rate, to size what it pays ahead.
+#[derive(Debug, Default)]
+struct Pace {
+    /// The count and time the current measurement started at.
+    mark: Option<(u64, Instant)>,
+    /// The fastest recent rate: it rises at once and halves per quiet
+    /// interval, as a congestion window does.
+    bytes_per_sec: u64,
+}
+
+impl Pace {
+    /// Takes the count `counted` at `now`.
+    fn observe(&mut self, counted: u64, now: Instant) {
+        let Some((from, since)) = self.mark else {
+            self.mark = Some((counted, now));
+            return;
+        };
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed < PAY_INTERVAL {
+            return;
+        }
+        let bytes = u128::from(counted.saturating_sub(from));
+        let sample =
+            u64::try_from(bytes * 1_000_000_000 / elapsed.as_nanos().max(1)).unwrap_or(u64::MAX);
+        self.bytes_per_sec = sample.max(self.bytes_per_sec / 2);
+        self.mark = Some((counted, now));
+    }
+
+    /// What to pay ahead: twice the rate over the payment's round trip (at
+    /// least [`PAY_INTERVAL`]), so that vouchers paying half of it each
+    /// keep the relay's window open while they travel, at most about one
+    /// per interval, and never more than `max_bytes`. Nothing before a
+    /// round trip was measured.
+    fn prepay_bytes(&self, round_trip: Option<Duration>, max_bytes: u64) -> u64 {
+        let Some(round_trip) = round_trip else { return 0 };
+        let over = round_trip.max(PAY_INTERVAL).as_nanos();
+        let bytes = u128::from(self.bytes_per_sec) * over * 2 / 1_000_000_000;
+        u64::try_from(bytes).unwrap_or(u64::MAX).min(max_bytes)
+    }
+}
+
+/// Pays for this session's counted bytes as they grow, without waiting for
+/// the relay's invoice: the voucher for a byte leaves when the byte is
+/// counted here, so it reaches the relay about when the byte does. At
+/// speed it also pays ahead ([`Pace::prepay_bytes`], at most the payer's
+/// bound), so that the relay's window never waits a payment round trip and
+/// vouchers stay few: one per half the prepayment, or per half window when
+/// nothing is paid ahead. Ends with the session's reader (the relay ended
+/// the session, or this client closed it or refused the relay).
 async fn pay_as_counted(billing: Arc<Billing>, writer: SessionWriter) {
-    // A relay stating a tiny window cannot make this client sign a voucher
-    // per read; its invoices still ask for the rest.
-    let step = (billing.terms.credit_window_bytes / 2).max(MIN_PAY_EVERY_BYTES);
+    let window = billing.terms.credit_window_bytes;
+    let max_prepay = billing.payer.as_ref().map_or(0, |payer| payer.max_prepay_bytes);
     let mut ended = billing.ended.subscribe();
-    // The tally starts at zero with the session.
+    let mut pace = Pace::default();
+    // Counted bytes plus prepayment that the newest voucher paid for; the
+    // tally starts at zero with the session.
     let mut paid_through = 0u64;
     loop {
         tokio::select! {
@@ -700,11 +802,20 @@ async fn pay_as_counted(billing: Arc<Billing>, writer: SessionWriter) {
             _ = ended.wait_for(|ended| *ended) => return,
         }
         let counted = billing.tally.count();
-        if counted < paid_through.saturating_add(step) {
+        pace.observe(counted, Instant::now());
+        let (round_trip, no_prepay) = {
+            let vouchers = billing.vouchers();
+            (vouchers.round_trip, vouchers.no_prepay)
+        };
+        let ahead = if no_prepay { 0 } else { pace.prepay_bytes(round_trip, max_prepay) };
+        // A relay stating a tiny window cannot make this client sign a
+        // voucher per read; its invoices still ask for the rest.
+        let step = (window / 2).max(ahead / 2).max(MIN_PAY_EVERY_BYTES);
+        if counted.saturating_add(ahead) < paid_through.saturating_add(step) {
             continue;
         }
-        paid_through = counted;
-        if billing.pay(&writer, Claim::Counted).await.is_err() {
+        paid_through = counted.saturating_add(ahead);
+        if billing.pay(&writer, Claim::Counted { ahead_bytes: ahead }).await.is_err() {
             return;
         }
     }
@@ -926,6 +1037,42 @@ mod tests {
     }
 
     #[test]
+    fn a_payer_pays_ahead_as_asked_and_honest_invoices_may_claim_what_it_paid_ahead() {
+        let billing = billing(300);
+        let base = 5_000;
+        let ahead = Claim::Counted { ahead_bytes: 200 };
+        assert_eq!(billing.answer(ahead, attos(base)), Answer::Pay(attos(base + 5_000)));
+        // With 500 bytes paid, the relay may have carried them and the window.
+        let paid = attos(base + 5_000);
+        let claim = invoice(1_500, base + 15_000);
+        assert_eq!(billing.answer(claim, paid), Answer::Wait, "the count is paid already");
+        let claim = invoice(1_501, base + 15_010);
+        assert_eq!(billing.answer(claim, paid), Answer::Refuse { counted_bytes: 300 });
+    }
+
+    #[test]
+    fn the_prepayment_follows_rate_times_round_trip_within_its_bound() {
+        let start = Instant::now();
+        let mut pace = Pace::default();
+        pace.observe(0, start);
+        let round_trip = Some(Duration::from_millis(40));
+        assert_eq!(pace.prepay_bytes(round_trip, u64::MAX), 0, "no rate yet");
+        // 1,000,000 bytes in 100 ms: 10 MB/s.
+        pace.observe(1_000_000, start + Duration::from_millis(100));
+        assert_eq!(pace.prepay_bytes(None, u64::MAX), 0, "no round trip yet");
+        assert_eq!(pace.prepay_bytes(round_trip, u64::MAX), 800_000);
+        assert_eq!(pace.prepay_bytes(Some(Duration::from_micros(50)), u64::MAX), 200_000);
+        assert_eq!(pace.prepay_bytes(round_trip, 300_000), 300_000, "the payer's bound");
+        // Samples closer than the interval are not taken; a slower one halves.
+        pace.observe(1_000_001, start + Duration::from_millis(101));
+        pace.observe(1_000_001, start + Duration::from_millis(200));
+        assert_eq!(pace.prepay_bytes(round_trip, u64::MAX), 400_000);
+        // A faster one is taken at once.
+        pace.observe(4_000_001, start + Duration::from_millis(300));
+        assert_eq!(pace.prepay_bytes(round_trip, u64::MAX), 2_400_000);
+    }
+
+    #[test]
     fn a_claim_beyond_the_count_and_the_credit_window_is_refused() {
         let base = 5_000;
         assert_eq!(
@@ -949,11 +1096,19 @@ mod tests {
         // The bytes since the last invoice: exactly their worth, no due
         // needed.
         assert_eq!(
-            billing(700).answer(Claim::Counted, attos(base + 4_000)),
+            billing(700).answer(Claim::Close, attos(base + 4_000)),
             Answer::Pay(attos(base + 7_000))
         );
-        assert_eq!(billing(700).answer(Claim::Counted, attos(base + 7_000)), Answer::Wait);
-        assert_eq!(billing(0).answer(Claim::Counted, attos(base)), Answer::Wait);
+        assert_eq!(billing(700).answer(Claim::Close, attos(base + 7_000)), Answer::Wait);
+        assert_eq!(billing(0).answer(Claim::Close, attos(base)), Answer::Wait);
+        // Paid ahead: the close hands back what was not counted; paying as
+        // counted never lowers.
+        assert_eq!(
+            billing(700).answer(Claim::Close, attos(base + 9_000)),
+            Answer::Pay(attos(base + 7_000))
+        );
+        let ahead = Claim::Counted { ahead_bytes: 100 };
+        assert_eq!(billing(700).answer(ahead, attos(base + 9_000)), Answer::Wait);
     }
 
     #[test]
@@ -962,15 +1117,18 @@ mod tests {
         let mut vouchers = billing.vouchers();
         vouchers.sequence = 5;
         vouchers.sent = attos(8_000);
-        vouchers.awaiting.extend([(4, attos(7_000)), (5, attos(8_000))]);
+        let now = Instant::now();
+        vouchers.awaiting.extend([(4, attos(7_000), now), (5, attos(8_000), now)]);
         drop(vouchers);
         billing.heard(4, VoucherVerdict::Accepted);
         assert_eq!(billing.vouchers().accepted, attos(7_000));
+        assert!(billing.vouchers().round_trip.is_some(), "the payment's round trip is measured");
         // Over the escrow (a top-up still on its way): not paid.
         billing.heard(5, VoucherVerdict::OverEscrow);
         assert_eq!(billing.vouchers().sent, attos(7_000));
         assert_eq!(*billing.paid.borrow(), attos(7_000));
         assert!(billing.vouchers().awaiting.is_empty());
+        assert!(billing.vouchers().no_prepay, "nothing is paid ahead beyond the escrow");
         // So the relay's reminder is paid again, with a higher sequence.
         assert_eq!(
             billing.answer(invoice(400, 9_000), billing.vouchers().sent),
@@ -1007,7 +1165,7 @@ mod tests {
             sequence: 3,
         };
         let half = MIN_PAY_EVERY_BYTES;
-        let billing = Arc::new(Billing::new(Some(Payer { channel, key: key.clone() }), terms));
+        let billing = Arc::new(Billing::new(Some(Payer::new(channel, key.clone())), terms));
         let (writer, mut relay) = socket_pair().await;
         let paying = tokio::spawn(pay_as_counted(Arc::clone(&billing), writer));
         // Below half a window: nothing is paid yet.

@@ -66,8 +66,11 @@ struct MeterState {
     /// The newest accepted voucher's amount and sequence.
     paid: Amount,
     sequence: u64,
-    /// The newest accepted voucher's amount that is synced to disk.
+    /// The amount and sequence of the newest accepted voucher that is
+    /// synced to disk (amounts may go down: a voucher may hand back
+    /// prepayment).
     synced: Amount,
+    synced_sequence: u64,
     /// Set once the channel is closing: nothing more is carried on credit.
     closing: bool,
     /// Bytes carried in this binding.
@@ -156,6 +159,7 @@ impl Meter {
                 paid: binding.paid,
                 sequence: binding.sequence,
                 synced: binding.paid,
+                synced_sequence: binding.sequence,
                 closing: false,
                 carried_bytes: 0,
                 reserved_bytes: 0,
@@ -173,7 +177,9 @@ impl Meter {
 
     /// Binds the key's new session to `binding`: what the key left unpaid
     /// so far becomes its debt, and the new session is billed only for its
-    /// own bytes. Payment beyond the bytes carried is not carried over.
+    /// own bytes. Payment beyond the bytes carried is not carried over: a
+    /// client hands back what it paid ahead before it leaves, with a
+    /// voucher down to [`Meter::floor`].
     pub fn rebind(&self, binding: Binding) {
         let mut state = self.lock();
         // Reads still in progress commit into the new binding's count.
@@ -185,6 +191,7 @@ impl Meter {
         state.paid = binding.paid;
         state.sequence = binding.sequence;
         state.synced = binding.paid;
+        state.synced_sequence = binding.sequence;
         state.closing = false;
         state.carried_bytes = 0;
         state.reserved_bytes = reserved;
@@ -195,6 +202,39 @@ impl Meter {
     /// The session's channel and terms.
     pub fn binding(&self) -> Binding {
         self.lock().binding
+    }
+
+    /// The least cumulative amount a voucher may carry on this binding:
+    /// what leaves the key's unpaid bytes (owed, carried and reserved)
+    /// within the credit window, or within nothing once the channel is
+    /// closing. A voucher may lower the newest amount down to it, handing
+    /// back prepayment the relay has not carried: the relay's risk stays
+    /// the window.
+    pub fn floor(&self) -> Amount {
+        let state = self.lock();
+        let window = if state.closing { 0 } else { self.credit_window_bytes };
+        let owed_bytes = state
+            .debt_bytes
+            .saturating_add(state.carried_bytes)
+            .saturating_add(state.reserved_bytes)
+            .saturating_sub(window);
+        let owed_attos = u128::from(owed_bytes).saturating_mul(state.binding.price.attos());
+        Amount::from_attos(state.base.attos().saturating_add(owed_attos)).unwrap_or(Amount::MAX)
+    }
+
+    /// While the newest voucher pays for more than the key was carried (on
+    /// a channel that is not closing): what the carried bytes are worth,
+    /// the most a settlement should take now, since the client may still
+    /// hand the rest back ([`Meter::floor`]).
+    pub fn earned(&self) -> Option<Amount> {
+        let state = self.lock();
+        let price = state.binding.price.attos();
+        if state.closing || price == 0 {
+            return None;
+        }
+        let used_bytes = state.debt_bytes.saturating_add(state.carried_bytes);
+        let worth = state.base.attos().saturating_add(u128::from(used_bytes) * price);
+        (state.paid.attos() > worth).then(|| Amount::from_attos(worth)).and_then(Result::ok)
     }
 
     /// The newest accepted voucher's amount and sequence.
@@ -309,14 +349,13 @@ impl Meter {
     ) -> Option<Duration> {
         let round_trip = {
             let mut state = self.lock();
-            if state.binding.channel != *channel
-                || sequence <= state.sequence
-                || cumulative < state.paid
-            {
+            if state.binding.channel != *channel || sequence <= state.sequence {
                 return None;
             }
-            state.paid = cumulative;
             state.sequence = sequence;
+            // A lower amount (the session checked it against the floor)
+            // hands prepayment back: the allowance shrinks with it.
+            state.paid = cumulative;
             match state.unpaid_invoice {
                 Some((amount, invoiced_at)) if cumulative >= amount => {
                     state.unpaid_invoice = None;
@@ -329,15 +368,16 @@ impl Meter {
         round_trip
     }
 
-    /// Records that the voucher paying up to cumulative `amount` on
+    /// Records that the voucher `sequence` paying cumulative `amount` on
     /// `channel` is synced, and wakes tunnels the unsynced bound held back.
-    pub fn synced(&self, channel: &ChannelId, amount: Amount) {
+    pub fn synced(&self, channel: &ChannelId, sequence: u64, amount: Amount) {
         {
             let mut state = self.lock();
-            if state.binding.channel != *channel || amount <= state.synced {
+            if state.binding.channel != *channel || sequence <= state.synced_sequence {
                 return;
             }
-            state.synced = amount.min(state.paid);
+            state.synced = amount;
+            state.synced_sequence = sequence;
         }
         self.paid_more.notify_waiters();
     }
@@ -418,16 +458,17 @@ mod tests {
         assert_eq!(meter.reserve(u64::MAX), unsynced_limit);
         meter.commit(unsynced_limit, unsynced_limit);
         assert_eq!(meter.reserve(1), 0, "held back until a sync");
-        // Another channel's sync, or an older amount, raises nothing.
-        meter.synced(&ChannelId::from_bytes([2; 32]), paid);
-        meter.synced(&channel(), attos(base));
+        // Another channel's sync, or an older voucher's, raises nothing.
+        meter.synced(&ChannelId::from_bytes([2; 32]), 4, paid);
+        meter.synced(&channel(), 3, paid);
         assert_eq!(meter.reserve(1), 0);
-        // The sync of the voucher frees what it paid, and the bound again.
-        meter.synced(&channel(), attos(base + u128::from(MAX_UNSYNCED_BYTES)));
+        // The sync of a voucher frees what it paid, and the bound again.
+        meter.synced(&channel(), 4, attos(base + u128::from(MAX_UNSYNCED_BYTES)));
         assert_eq!(meter.reserve(u64::MAX), MAX_UNSYNCED_BYTES);
         meter.commit(MAX_UNSYNCED_BYTES, MAX_UNSYNCED_BYTES);
         // Synced beyond what is paid counts only what is paid.
-        meter.synced(&channel(), Amount::MAX);
+        meter.accept(&channel(), paid, 5);
+        meter.synced(&channel(), 5, Amount::MAX);
         let left = 4 * MAX_UNSYNCED_BYTES + 1000 - unsynced_limit - MAX_UNSYNCED_BYTES;
         assert_eq!(meter.reserve(u64::MAX), left);
     }
@@ -444,12 +485,30 @@ mod tests {
         assert_eq!(meter.invoice(), None, "nothing new to invoice");
         assert_eq!(meter.reserve(5000), 1000, "paid 1000 bytes: another window's worth");
         meter.commit(1000, 1000);
-        // Replays, decreases and other channels change nothing.
+        // Replays and other channels change nothing.
         assert_eq!(meter.accept(&channel(), attos(99_000), 4), None);
-        assert_eq!(meter.accept(&channel(), attos(1), 9), None);
         assert_eq!(meter.accept(&ChannelId::from_bytes([2; 32]), attos(99_000), 9), None);
         assert_eq!(meter.reserve(1), 0);
         assert_eq!(meter.paid(), (due.amount, 4));
+    }
+
+    #[test]
+    fn a_voucher_may_hand_back_prepayment_down_to_the_floor() {
+        let meter = meter(10, 1000);
+        let worth = |bytes: u128| attos(5_000 + 10 * bytes);
+        meter.accept(&channel(), worth(5_000), 4);
+        assert_eq!(meter.floor(), worth(0), "nothing carried: all of it may go back");
+        assert_eq!(meter.reserve(3_000), 3_000);
+        meter.commit(3_000, 2_500);
+        // 2,500 carried: the floor leaves the relay at most the window unpaid.
+        assert_eq!(meter.floor(), worth(1_500));
+        meter.accept(&channel(), worth(1_500), 5);
+        assert_eq!(meter.paid(), (worth(1_500), 5), "a lower amount counts");
+        assert_eq!(meter.unpaid_bytes(), 1_000);
+        assert_eq!(meter.reserve(1), 0, "the window is used up");
+        // A closing channel carries nothing on credit: the floor is all of it.
+        meter.observe_channel(&channel(), attos(u128::from(u64::MAX)), false);
+        assert_eq!(meter.floor(), worth(2_500));
     }
 
     #[test]
@@ -506,7 +565,7 @@ mod tests {
         assert_eq!(meter.reserve(u64::MAX), 0, "a key owing u64::MAX bytes gets nothing");
         let meter = Meter::new(client, 1000, binding(1, u128::from(u64::MAX) * 4), 0);
         meter.accept(&channel(), attos(u128::from(u64::MAX) * 3), 4);
-        meter.synced(&channel(), attos(u128::from(u64::MAX) * 3));
+        meter.synced(&channel(), 4, attos(u128::from(u64::MAX) * 3));
         assert_eq!(meter.reserve(u64::MAX), u64::MAX, "paid beyond u64 bytes: capped, no wrap");
         meter.commit(u64::MAX, u64::MAX);
         assert_eq!(meter.unpaid_bytes(), 0);

@@ -375,9 +375,6 @@ async fn judge(
     if v.sequence <= newest_sequence {
         return Err(VoucherVerdict::Replayed);
     }
-    if v.cumulative < newest_paid {
-        return Err(VoucherVerdict::Stale);
-    }
     let look_up = |fresh: bool| async move {
         match shared.lookups.channel(&shared.registry, &channel, Class::Known, fresh).await {
             Ok(view) => view,
@@ -390,7 +387,17 @@ async fn judge(
     let covers = |view: &Option<ChannelView>| {
         view.as_ref().is_some_and(|view| view.state == "open" && v.cumulative <= view.deposited)
     };
-    let mut view = look_up(false).await;
+    // A lower amount than the newest hands prepayment back: it may not
+    // leave the relay more unpaid than its window, nor go below what the
+    // ledger settled (looked up afresh; unknown, it is refused).
+    let lowering = v.cumulative < newest_paid;
+    let mut view = look_up(lowering).await;
+    if lowering {
+        let settled = view.as_ref().map_or(Amount::MAX, |view| view.settled);
+        if v.cumulative < meter.floor().max(settled) {
+            return Err(VoucherVerdict::Stale);
+        }
+    }
     if !covers(&view) {
         view = look_up(true).await;
     }
@@ -469,7 +476,8 @@ async fn follow_syncs(
             session.close(CloseReason::Unavailable);
             return;
         }
-        meter.synced(&voucher.voucher.channel, voucher.voucher.cumulative);
+        let v = voucher.voucher;
+        meter.synced(&v.channel, v.sequence, v.cumulative);
     }
 }
 

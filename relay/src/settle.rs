@@ -70,7 +70,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             () = shared.settle_now.notified() => {}
             _ = shutdown.changed() => return,
         }
-        let report = round(&shared).await;
+        let report = round(&shared, false).await;
         if report.incomplete {
             tracing::warn!("settlement round incomplete; the vouchers wait for the next round");
         }
@@ -83,7 +83,7 @@ pub(crate) async fn final_round(shared: &Shared, deadline: Duration) -> SettleRe
     let until = Instant::now() + deadline;
     let mut total = SettleReport::default();
     loop {
-        let report = round(shared).await;
+        let report = round(shared, true).await;
         total.submitted += report.submitted;
         total.settled += report.settled;
         total.already_settled += report.already_settled;
@@ -97,15 +97,32 @@ pub(crate) async fn final_round(shared: &Shared, deadline: Duration) -> SettleRe
 }
 
 /// Submits every stored voucher newer than what was settled, once they are
-/// synced: the log never holds less than the ledger paid.
-pub(crate) async fn round(shared: &Shared) -> SettleReport {
+/// synced: the log never holds less than the ledger paid. For a channel
+/// whose session is live and paid ahead of what it was carried, that is the
+/// newest voucher the relay has earned, not the newest: its client may
+/// still hand the prepayment back (docs/PROTOCOL.md, "Paying ahead"),
+/// which it could not once the ledger paid it. The `last` round, at
+/// shutdown, settles the newest of every channel.
+pub(crate) async fn round(shared: &Shared, last: bool) -> SettleReport {
     if let Err(error) = shared.store.sync().await {
         tracing::error!(%error, "cannot sync the voucher log; not settling");
         return SettleReport { incomplete: true, ..SettleReport::default() };
     }
-    let latest = shared.store.all_latest();
-    let received: u128 = latest.iter().map(|v| v.voucher.cumulative.attos()).sum();
-    let mut due: Vec<SignedVoucher> = latest
+    let mut earned = HashMap::new();
+    if !last {
+        for session in lock(&shared.sessions).values() {
+            if let Some(meter) = &session.meter
+                && let Some(worth) = meter.earned()
+            {
+                earned.insert(meter.binding().channel, worth);
+            }
+        }
+    }
+    let received: u128 =
+        shared.store.all_latest().iter().map(|v| v.voucher.cumulative.attos()).sum();
+    let mut due: Vec<SignedVoucher> = shared
+        .store
+        .to_settle(&earned)
         .into_iter()
         .filter(|v| v.voucher.sequence > shared.settled.sequence(&v.voucher.channel))
         .collect();

@@ -18,7 +18,7 @@
 //! That halves the sync on the machines we measured. Each record carries a
 //! checksum, so zeros and a torn record mark the end of the log.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_proto::{ChannelId, SIGNED_VOUCHER_LEN, SignedVoucher};
+use ferry_proto::{Amount, ChannelId, SIGNED_VOUCHER_LEN, SignedVoucher};
 use tokio::sync::{mpsc, oneshot};
 
 /// The most appends waiting for the writer; senders wait when it is full.
@@ -65,10 +65,21 @@ pub enum StoreError {
 /// queued before it is synced.
 type Append = (Option<SignedVoucher>, oneshot::Sender<Result<(), String>>);
 
-/// The log and, in memory, the newest voucher of each channel.
+/// Vouchers of one channel kept in memory, oldest first: the newest, and
+/// while its client pays ahead, the few before it, so that a settlement
+/// can take the newest one the relay has earned
+/// ([`VoucherStore::to_settle`]).
+type Recent = VecDeque<SignedVoucher>;
+
+/// The most vouchers kept in memory per channel. A client paying ahead
+/// sends one per half its prepayment, so about three are ahead of what the
+/// relay carried.
+const RECENT_VOUCHERS: usize = 8;
+
+/// The log and, in memory, the newest vouchers of each channel.
 #[derive(Debug, Clone)]
 pub struct VoucherStore {
-    latest: Arc<Mutex<HashMap<ChannelId, SignedVoucher>>>,
+    latest: Arc<Mutex<HashMap<ChannelId, Recent>>>,
     queue: mpsc::Sender<Append>,
     path: PathBuf,
 }
@@ -78,7 +89,7 @@ impl VoucherStore {
     /// it, and starts the writer thread.
     pub fn open(path: &Path) -> Result<VoucherStore, StoreError> {
         let io = |source| StoreError::Io { path: path.to_owned(), source };
-        let mut latest: HashMap<ChannelId, SignedVoucher> = HashMap::new();
+        let mut latest: HashMap<ChannelId, Recent> = HashMap::new();
         match File::open(path) {
             Ok(mut file) => {
                 let mut bytes = Vec::new();
@@ -88,18 +99,14 @@ impl VoucherStore {
                 // sync, so never acknowledged): the log ends there.
                 for record in bytes.chunks_exact(RECORD_LEN) {
                     let Some(voucher) = parse_record(record) else { break };
-                    let newer = latest
-                        .get(&voucher.voucher.channel)
-                        .is_none_or(|known| known.voucher.sequence < voucher.voucher.sequence);
-                    if newer {
-                        latest.insert(voucher.voucher.channel, voucher);
-                    }
+                    remember(&mut latest, voucher, 1);
                 }
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => return Err(io(error)),
         }
-        let log = Log::compact(path, latest.values()).map_err(io)?;
+        let log =
+            Log::compact(path, latest.values().filter_map(|recent| recent.back())).map_err(io)?;
         let (queue, appends) = mpsc::channel(STORE_QUEUE);
         std::thread::Builder::new()
             .name("ferry-voucher-log".into())
@@ -116,13 +123,7 @@ impl VoucherStore {
     pub async fn submit(&self, voucher: SignedVoucher) -> Result<Stored, StoreError> {
         let (done, written) = oneshot::channel();
         self.queue.send((Some(voucher), done)).await.map_err(|_| StoreError::Closed)?;
-        let mut latest = self.lock();
-        let newer = latest
-            .get(&voucher.voucher.channel)
-            .is_none_or(|known| known.voucher.sequence < voucher.voucher.sequence);
-        if newer {
-            latest.insert(voucher.voucher.channel, voucher);
-        }
+        remember(&mut self.lock(), voucher, RECENT_VOUCHERS);
         Ok(Stored { written, path: self.path.clone() })
     }
 
@@ -135,15 +136,33 @@ impl VoucherStore {
 
     /// The newest stored voucher of `channel`.
     pub fn latest(&self, channel: &ChannelId) -> Option<SignedVoucher> {
-        self.lock().get(channel).copied()
+        self.lock().get(channel).and_then(|recent| recent.back()).copied()
     }
 
     /// The newest stored voucher of every channel.
     pub fn all_latest(&self) -> Vec<SignedVoucher> {
-        self.lock().values().copied().collect()
+        self.lock().values().filter_map(|recent| recent.back()).copied().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelId, SignedVoucher>> {
+    /// The voucher to settle for each channel: the newest, or for a channel
+    /// in `earned`, the newest that pays at most that amount (none if no
+    /// such voucher is kept). What is older than the chosen voucher is
+    /// forgotten: it will not be settled.
+    pub fn to_settle(&self, earned: &HashMap<ChannelId, Amount>) -> Vec<SignedVoucher> {
+        let mut latest = self.lock();
+        let mut chosen = Vec::with_capacity(latest.len());
+        for (channel, recent) in latest.iter_mut() {
+            let at_most = earned.get(channel).copied().unwrap_or(Amount::MAX);
+            let Some(index) = recent.iter().rposition(|v| v.voucher.cumulative <= at_most) else {
+                continue;
+            };
+            recent.drain(..index);
+            chosen.extend(recent.front().copied());
+        }
+        chosen
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelId, Recent>> {
         // The map is updated in one insert; a panic elsewhere cannot leave
         // it half-written.
         self.latest.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -177,6 +196,18 @@ impl Stored {
                 Err(StoreError::Io { path: self.path, source: std::io::Error::other(message) })
             }
             Err(_) => Err(StoreError::Closed),
+        }
+    }
+}
+
+/// Keeps `voucher` as its channel's newest if it is newer (by sequence)
+/// than the newest kept, with at most `keep` vouchers per channel.
+fn remember(latest: &mut HashMap<ChannelId, Recent>, voucher: SignedVoucher, keep: usize) {
+    let recent = latest.entry(voucher.voucher.channel).or_default();
+    if recent.back().is_none_or(|newest| newest.voucher.sequence < voucher.voucher.sequence) {
+        recent.push_back(voucher);
+        while recent.len() > keep {
+            recent.pop_front();
         }
     }
 }
@@ -328,6 +359,39 @@ mod tests {
         assert_eq!(parse_record(&bytes[..RECORD_LEN]), Some(voucher(1, 5)), "on disk after sync");
         assert_eq!(parse_record(&bytes[RECORD_LEN..2 * RECORD_LEN]), Some(voucher(1, 4)));
         stored.durable().await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_settlement_takes_the_newest_earned_voucher_and_forgets_older_ones() {
+        let dir = std::env::temp_dir().join(format!("ferry-store-settle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vouchers.log");
+        let _ = std::fs::remove_file(&path);
+        let store = VoucherStore::open(&path).unwrap();
+        // Channel 1 pays ahead: sequences 1..=10 pay 1,000 each up to 10,000.
+        for sequence in 1..=10 {
+            store.submit(voucher(1, sequence)).await.unwrap();
+        }
+        store.submit(voucher(2, 3)).await.unwrap();
+        let (one, two) = (ChannelId::from_bytes([1; 32]), ChannelId::from_bytes([2; 32]));
+        let sequences = |chosen: Vec<SignedVoucher>| {
+            let mut found: Vec<_> =
+                chosen.iter().map(|v| (v.voucher.channel, v.voucher.sequence)).collect();
+            found.sort_unstable_by_key(|(channel, _)| *channel);
+            found
+        };
+        // Earned 6,500 on channel 1: sequence 6 (6,000); channel 2's newest.
+        let earned = HashMap::from([(one, Amount::from_attos(6_500).unwrap())]);
+        assert_eq!(sequences(store.to_settle(&earned)), [(one, 6), (two, 3)]);
+        // Only the last RECENT_VOUCHERS are kept: below them, nothing.
+        let earned = HashMap::from([(one, Amount::from_attos(2_000).unwrap())]);
+        assert_eq!(sequences(store.to_settle(&earned)), [(two, 3)]);
+        // Without a limit the newest, and only it is kept from then on.
+        assert_eq!(sequences(store.to_settle(&HashMap::new())), [(one, 10), (two, 3)]);
+        let earned = HashMap::from([(one, Amount::from_attos(9_500).unwrap())]);
+        assert_eq!(sequences(store.to_settle(&earned)), [(two, 3)], "older ones were forgotten");
+        assert_eq!(store.latest(&one), Some(voucher(1, 10)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

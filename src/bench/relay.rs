@@ -373,7 +373,7 @@ pub(super) async fn raw_tunnel(
 ) -> anyhow::Result<(Session, relay::Tunnel, TcpStream)> {
     let listening = Session::open(at, callee, None, None).await?;
     listening.listen(ListenPolicy::Open).await?;
-    let payer = paid.map(|channel| Payer { channel, key: caller.clone() });
+    let payer = paid.map(|channel| Payer::new(channel, caller.clone()));
     let paying = Session::open(at, caller, paid, payer).await?;
     let accepting = {
         let (at, callee) = (at.clone(), callee.clone());
