@@ -327,7 +327,9 @@ impl Meter {
         }
         let carried = cost(state.carried_bytes, state.binding.price).ok()?;
         let amount = state.base.checked_add(carried).ok()?;
-        if state.carried_bytes == state.invoiced_bytes && state.paid >= amount {
+        // Nothing is owed on bytes already paid for (ahead, say).
+        if state.paid >= amount {
+            state.invoiced_bytes = state.carried_bytes;
             return None;
         }
         state.invoiced_bytes = state.carried_bytes;

@@ -1,7 +1,8 @@
 //! The relay against baselines in the same run: one tunnel's throughput with
 //! payment on, against a bare tokio TCP proxy and against the same relay
 //! with payment off (a free relay sends no invoices); the CPU share of
-//! payments from the process's CPU time per byte; the payment round trip
+//! payments, from the vouchers a run took and what one voucher costs in
+//! process CPU (measured alone in the same round); the payment round trip
 //! against the disk's sync latency; and the resident memory of a `ferry
 //! relay` process per idle authenticated session.
 
@@ -37,6 +38,8 @@ const CHUNK: usize = 64 * 1024;
 const SESSION_CONCURRENCY: usize = 64;
 /// Syncs timed to measure the disk under the voucher log.
 const DISK_SYNCS: usize = 200;
+/// Vouchers paid, with no traffic, to measure what one costs.
+const COSTED_VOUCHERS: u64 = 2000;
 
 /// Runs the relay benchmark.
 pub async fn run(args: &BenchArgs) -> anyhow::Result<Table> {
@@ -63,6 +66,9 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
         );
         let proxy = bare_proxy_run(bytes).await.context("the bare proxy run")?;
         let disk_sync = disk_sync_median(&scratch).await.context("timing the disk's sync")?;
+        let voucher_cpu = voucher_cpu_seconds(&ledger, &registry.base, &scratch, round)
+            .await
+            .context("timing vouchers")?;
         let free = relay_run(&ledger, &registry.base, &scratch, bytes, None, round)
             .await
             .context("the free relay run")?;
@@ -80,7 +86,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
         )
         .await
         .context("the paid relay run with a wide window")?;
-        rows.push((proxy, free, paid, wide, disk_sync));
+        rows.push((proxy, free, paid, wide, disk_sync, voucher_cpu));
     }
 
     println!("▸ {} idle authenticated sessions on a `ferry relay` process", args.idle_sessions);
@@ -95,7 +101,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
 
     let mib_s = |run: &Run| bytes as f64 / run.seconds / f64::from(1 << 20);
     let mut table = Table::new("relay");
-    for (round, (proxy, free, paid, wide, disk_sync)) in rows.iter().enumerate() {
+    for (round, (proxy, free, paid, wide, disk_sync, voucher_cpu)) in rows.iter().enumerate() {
         table.row(format!(
             "| round {}: one tunnel, paid (1 MiB credit window) | {:.0} MiB/s | bare tokio proxy: {:.0} MiB/s | {:.2}× |",
             round + 1,
@@ -132,12 +138,15 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
             "| round {}: credit window one tunnel needs at the bare proxy's rate (2 × rate × mean round trip) | {window_mib:.2} MiB | | |",
             round + 1,
         ));
-        let share = (paid.cpu_seconds - free.cpu_seconds) / paid.cpu_seconds;
+        // The difference of two runs' CPU drowns in this machine's noise
+        // at a few vouchers a run; their count times what one costs does not.
+        let share = paid.vouchers as f64 * voucher_cpu / paid.cpu_seconds;
         table.row(format!(
-            "| round {}: CPU share of payments (process CPU, paid vs free run) | {:.1} % | {} vouchers, {:.2} s vs {:.2} s CPU | |",
+            "| round {}: CPU share of payments (vouchers × CPU per voucher / process CPU of the paid run) | {:.2} % | {} vouchers × {:.0} µs of {:.2} s CPU (free run: {:.2} s) | |",
             round + 1,
             share * 100.0,
             paid.vouchers,
+            voucher_cpu * 1e6,
             paid.cpu_seconds,
             free.cpu_seconds
         ));
@@ -427,6 +436,48 @@ async fn relay_run(
     bench.stop().await;
     close_session(paying).await;
     Ok(Run { seconds, cpu_seconds, vouchers, round_trip, round_trips })
+}
+
+/// The process CPU one voucher costs, client and relay together: a paying
+/// session with no traffic pays [`COSTED_VOUCHERS`] of them, one at a time,
+/// each waiting for its verdict (signing, framing, the relay's checks and
+/// store, and the answer).
+async fn voucher_cpu_seconds(
+    ledger: &Ledger,
+    registry: &str,
+    scratch: &std::path::Path,
+    round: u32,
+) -> anyhow::Result<f64> {
+    let tag = format!("{round}-vouchers");
+    let bench =
+        BenchRelay::start(registry, scratch, &tag, Some(CREDIT_WINDOW_BYTES), "bench", None)
+            .await?;
+    let caller = SecretKey::generate()?;
+    let channel = funded_channel(ledger, &caller, &bench.at.key, &tag).await?;
+    let session = Session::open(&bench.at, &caller, Some(channel), None).await?;
+    let cpu_start = cpu_seconds()?;
+    for sequence in 1..=COSTED_VOUCHERS {
+        let cumulative = ferry_proto::Amount::from_attos(u128::from(sequence) * 1_000_000_000)?;
+        let voucher = ferry_proto::Voucher { channel, sequence, cumulative };
+        session.pay(voucher.sign(&caller)).await?;
+        loop {
+            match session.next_event().await {
+                Some(Event::VoucherResult { verdict, .. }) => {
+                    anyhow::ensure!(
+                        verdict == ferry_proto::wire::VoucherVerdict::Accepted,
+                        "voucher {sequence}: {verdict:?}"
+                    );
+                    break;
+                }
+                Some(_) => continue,
+                None => bail!("the session ended"),
+            }
+        }
+    }
+    let per_voucher = (cpu_seconds()? - cpu_start) / COSTED_VOUCHERS as f64;
+    close_session(session).await;
+    bench.stop().await;
+    Ok(per_voucher)
 }
 
 /// The median time to write one voucher-sized record into preallocated
