@@ -62,8 +62,10 @@ pub struct BenchArgs {
     /// Bytes pushed through one tunnel per throughput run.
     #[arg(long, default_value_t = 1 << 30)]
     pub tunnel_bytes: u64,
-    /// Seconds each path of the distance benchmark sends for.
-    #[arg(long, default_value_t = 3)]
+    /// Seconds each path of the distance benchmark sends for: long enough
+    /// that a stream's window ramp at 200 ms per end-to-end round trip
+    /// (about 1 s) does not dominate the figure.
+    #[arg(long, default_value_t = 10)]
     pub distance_seconds: u64,
     /// Idle connections one address opens against the registry (each sends
     /// part of a request's headers, then nothing).
