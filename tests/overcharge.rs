@@ -83,6 +83,21 @@ async fn overcharging_relay(
     sent
 }
 
+/// Opens a paying session as a relay and pairs the client's first dial at
+/// once; returns the session's and the tunnel's connections.
+async fn paired_tunnel(
+    listener: &TcpListener,
+    key: &SecretKey,
+) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let (session, _) = open_session(listener, key).await;
+    let mut tunnel = handshake(listener, key).await;
+    let Frame::Dial { peer } = read_frame(&mut tunnel).await.unwrap() else {
+        panic!("expected a Dial")
+    };
+    write_frame(&mut tunnel, &Frame::Connected { tunnel: 1, peer }).await.unwrap();
+    (session, tunnel)
+}
+
 /// A dishonest relay's listener and key (from `seed`), and its address as
 /// a client finds it.
 async fn dishonest_relay(seed: u8) -> (TcpListener, SecretKey, RelayAddress) {
@@ -146,12 +161,7 @@ async fn a_relay_that_takes_payment_and_stops_carrying_costs_at_most_the_sockets
     // The relay keeps every voucher, pairs the tunnel at once, and never
     // reads a byte of it.
     let relay = tokio::spawn(async move {
-        let (mut session, _) = open_session(&listener, &relay_key).await;
-        let mut tunnel = handshake(&listener, &relay_key).await;
-        let Frame::Dial { peer } = read_frame(&mut tunnel).await.unwrap() else {
-            panic!("expected a Dial")
-        };
-        write_frame(&mut tunnel, &Frame::Connected { tunnel: 1, peer }).await.unwrap();
+        let (mut session, tunnel) = paired_tunnel(&listener, &relay_key).await;
         let mut paid = Amount::ZERO;
         while let Ok(Ok(frame)) = tokio::time::timeout(WAIT, read_frame(&mut session)).await {
             match frame {
@@ -205,12 +215,7 @@ async fn a_relay_that_takes_prepayment_and_stops_carrying_costs_at_most_the_prep
     // every voucher at once, so the client learns the payment's round trip
     // and pays ahead), then stops reading and keeps accepting.
     let relay = tokio::spawn(async move {
-        let (mut session, _) = open_session(&listener, &relay_key).await;
-        let mut tunnel = handshake(&listener, &relay_key).await;
-        let Frame::Dial { peer } = read_frame(&mut tunnel).await.unwrap() else {
-            panic!("expected a Dial")
-        };
-        write_frame(&mut tunnel, &Frame::Connected { tunnel: 1, peer }).await.unwrap();
+        let (mut session, mut tunnel) = paired_tunnel(&listener, &relay_key).await;
         let reading = tokio::spawn(async move {
             let mut buffer = vec![0; 64 << 10];
             let mut read = 0u64;

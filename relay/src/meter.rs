@@ -112,6 +112,13 @@ impl MeterState {
         u64::try_from(paid_attos / price).unwrap_or(u64::MAX)
     }
 
+    /// The channel's cumulative amount, in attos, once `bytes` more than
+    /// the binding's start are paid for (saturating).
+    fn worth_attos(&self, bytes: u64) -> u128 {
+        let price = self.binding.price.attos();
+        self.base.attos().saturating_add(u128::from(bytes).saturating_mul(price))
+    }
+
     /// Bytes the meter may carry on payment: what was paid, but no more
     /// than [`MAX_UNSYNCED_BYTES`] beyond what is synced.
     fn payable_bytes(&self) -> u64 {
@@ -218,8 +225,7 @@ impl Meter {
             .saturating_add(state.carried_bytes)
             .saturating_add(state.reserved_bytes)
             .saturating_sub(window);
-        let owed_attos = u128::from(owed_bytes).saturating_mul(state.binding.price.attos());
-        Amount::from_attos(state.base.attos().saturating_add(owed_attos)).unwrap_or(Amount::MAX)
+        Amount::from_attos(state.worth_attos(owed_bytes)).unwrap_or(Amount::MAX)
     }
 
     /// While the newest voucher pays for more than the key was carried (on
@@ -228,12 +234,10 @@ impl Meter {
     /// hand the rest back ([`Meter::floor`]).
     pub fn earned(&self) -> Option<Amount> {
         let state = self.lock();
-        let price = state.binding.price.attos();
-        if state.closing || price == 0 {
+        if state.closing || state.binding.price.attos() == 0 {
             return None;
         }
-        let used_bytes = state.debt_bytes.saturating_add(state.carried_bytes);
-        let worth = state.base.attos().saturating_add(u128::from(used_bytes) * price);
+        let worth = state.worth_attos(state.debt_bytes.saturating_add(state.carried_bytes));
         (state.paid.attos() > worth).then(|| Amount::from_attos(worth)).and_then(Result::ok)
     }
 

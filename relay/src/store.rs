@@ -329,6 +329,16 @@ mod tests {
         .sign(&SecretKey::from_seed(&[1; 32]))
     }
 
+    /// A directory of its own for a test's log, and the log's path in it
+    /// (no log there yet).
+    fn fresh_log(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vouchers.log");
+        let _ = std::fs::remove_file(&path);
+        (dir, path)
+    }
+
     #[test]
     fn a_damaged_record_ends_the_log() {
         let good = record(&voucher(1, 7));
@@ -343,10 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_voucher_is_the_newest_at_once_and_sync_waits_for_the_disk() {
-        let dir = std::env::temp_dir().join(format!("ferry-store-sync-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("vouchers.log");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = fresh_log("ferry-store-sync");
         let store = VoucherStore::open(&path).unwrap();
         store.sync().await.unwrap();
         let channel = ChannelId::from_bytes([1; 32]);
@@ -364,10 +371,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_settlement_takes_the_newest_earned_voucher_and_forgets_older_ones() {
-        let dir = std::env::temp_dir().join(format!("ferry-store-settle-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("vouchers.log");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = fresh_log("ferry-store-settle");
         let store = VoucherStore::open(&path).unwrap();
         // Channel 1 pays ahead: sequences 1..=10 pay 1,000 each up to 10,000.
         for sequence in 1..=10 {
@@ -397,10 +401,7 @@ mod tests {
 
     #[tokio::test]
     async fn vouchers_survive_a_reopen_and_the_log_is_compacted() {
-        let dir = std::env::temp_dir().join(format!("ferry-store-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("vouchers.log");
-        let _ = std::fs::remove_file(&path);
+        let (dir, path) = fresh_log("ferry-store");
         let store = VoucherStore::open(&path).unwrap();
         let appends: Vec<_> = (1..=50)
             .map(|sequence| {
