@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// (about 1 s) does not dominate the figure.
     #[arg(long, default_value_t = 10)]
     pub distance_seconds: u64,
+    /// Round trips per hop the distance benchmark runs at, in ms
+    /// (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [0, 20, 50, 100])]
+    pub round_trips_ms: Vec<u64>,
     /// Idle connections one address opens against the registry (each sends
     /// part of a request's headers, then nothing).
     #[arg(long, default_value_t = 20_000)]

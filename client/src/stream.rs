@@ -14,22 +14,23 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use ferry_proto::PublicKey;
-use tokio::io::{
-    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf, ReadHalf, WriteHalf,
-};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::secure::{MAX_PLAINTEXT_BYTES, SecureError, SecureReader, SecureWriter};
 
+mod pipe;
 mod window;
 
+pub use pipe::{APP_BUFFER_BYTES, RECEIVE_BUFFER_BYTES};
+use pipe::{Pipe, ReadEnd};
 use window::SendWindow;
 pub use window::{MAX_SEND_WINDOW_BYTES, MIN_SEND_WINDOW_BYTES};
 
@@ -44,12 +45,6 @@ pub const LINK_SILENCE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a connection without a link waits for a new one before it
 /// fails.
 pub const RELINK_TIMEOUT: Duration = Duration::from_secs(20);
-/// Bytes buffered between the application and its connection task.
-pub const APP_BUFFER_BYTES: usize = 256 << 10;
-/// Bytes received and not yet taken by the application; while it is full
-/// the connection stops reading the link (TCP backpressure reaches the
-/// peer), but keeps sending acknowledgements and keepalives.
-pub const RECEIVE_BUFFER_BYTES: usize = 1 << 20;
 /// The most data one record carries: all that fits beside its type byte.
 const DATA_CHUNK_BYTES: usize = MAX_PLAINTEXT_BYTES - 1;
 /// Records read ahead from a link.
@@ -206,7 +201,7 @@ impl Link {
 
     /// Reads one record.
     pub async fn receive(&mut self) -> Result<Record, LinkError> {
-        Ok(Record::decode(Bytes::from(self.reader.read().await?))?)
+        Ok(Record::decode(self.reader.read().await?)?)
     }
 }
 
@@ -217,19 +212,12 @@ pub(crate) type Offered = (Link, Option<ConnectionId>, Option<u64>);
 /// Makes a new link for a dialling connection whose link died.
 pub type Redial = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<Link>> + Send>> + Send + Sync>;
 
-/// How a connection ended, shared with its [`Stream`].
-#[derive(Debug, Default)]
-struct Outcome {
-    failure: OnceLock<String>,
-}
-
 /// The application's end of a peer stream: one ordered, reliable,
 /// encrypted byte stream, whatever links carry it.
 #[derive(Debug)]
 pub struct Stream {
-    io: DuplexStream,
+    pipe: Arc<Pipe>,
     peer: PublicKey,
-    outcome: Arc<Outcome>,
 }
 
 impl Stream {
@@ -237,48 +225,42 @@ impl Stream {
     pub fn peer(&self) -> PublicKey {
         self.peer
     }
+}
 
-    fn failed(&self) -> Option<std::io::Error> {
-        let failure = self.outcome.failure.get()?;
-        Some(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, failure.clone()))
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.pipe.leave();
     }
 }
 
+/// Reads end cleanly only if the peer ended the stream; a failed
+/// connection's reason comes after the bytes that did arrive.
 impl AsyncRead for Stream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        match Pin::new(&mut self.io).poll_read(cx, buf) {
-            // The end of the stream is an error unless the peer ended it.
-            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
-                Poll::Ready(self.failed().map_or(Ok(()), Err))
-            }
-            other => other,
-        }
+        self.pipe.poll_read(cx, buf)
     }
 }
 
+/// Writes need no flush: the connection task sends what it is handed.
 impl AsyncWrite for Stream {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.io).poll_write(cx, buf) {
-            Poll::Ready(Err(error)) => Poll::Ready(Err(self.failed().unwrap_or(error))),
-            other => other,
-        }
+        self.pipe.poll_write(cx, buf)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(self.pipe.shut_down())
     }
 }
 
@@ -375,22 +357,11 @@ impl Unacked {
     }
 }
 
-/// Bytes received and not yet taken by the application.
-#[derive(Default)]
-struct Inbox {
-    chunks: VecDeque<Bytes>,
-    /// Bytes of the first chunk already delivered.
-    front_taken: usize,
-    bytes: usize,
-}
-
 /// One connection's state, owned by its task.
 struct Connection {
     id: ConnectionId,
     peer: PublicKey,
-    app_reader: ReadHalf<DuplexStream>,
-    app_writer: WriteHalf<DuplexStream>,
-    outcome: Arc<Outcome>,
+    pipe: Arc<Pipe>,
     links: mpsc::Receiver<Offered>,
     redial: Option<(Redial, mpsc::Sender<Offered>)>,
     link: Option<Active>,
@@ -398,7 +369,6 @@ struct Connection {
     /// How much may be sent and not acknowledged: the application's writes
     /// wait while `sent - acked` is at it.
     window: SendWindow,
-    inbox: Inbox,
     /// Stream positions the peer acknowledged.
     acked: u64,
     /// Data bytes taken from the application.
@@ -408,8 +378,6 @@ struct Connection {
     /// Stream positions received from the peer (the end counts one).
     received: u64,
     peer_ended: bool,
-    /// The application's reading side was ended after the peer's Fin.
-    delivered_end: bool,
     acknowledged_received: u64,
     /// When the connection last had a link the peer answered on.
     unlinked_since: Option<Instant>,
@@ -435,27 +403,21 @@ pub(crate) fn start(
     finishing: Finishing,
     on_end: impl FnOnce() + Send + 'static,
 ) -> Stream {
-    let (app, task_side) = tokio::io::duplex(APP_BUFFER_BYTES);
-    let (app_reader, app_writer) = tokio::io::split(task_side);
-    let outcome = Arc::new(Outcome::default());
+    let pipe = Pipe::new();
     let connection = Connection {
         id,
         peer,
-        app_reader,
-        app_writer,
-        outcome: Arc::clone(&outcome),
+        pipe: Arc::clone(&pipe),
         links,
         redial: redial.map(|redial| (redial, links_tx)),
         link: None,
         unacked: Unacked::default(),
         window: SendWindow::default(),
-        inbox: Inbox::default(),
         acked: 0,
         sent: 0,
         app_ended: false,
         received: 0,
         peer_ended: false,
-        delivered_end: false,
         acknowledged_received: 0,
         unlinked_since: Some(Instant::now()),
         finishing,
@@ -465,7 +427,7 @@ pub(crate) fn start(
         connection.run(first).await;
         on_end();
     });
-    Stream { io: app, peer, outcome }
+    Stream { pipe, peer }
 }
 
 /// Why a connection gives up.
@@ -485,15 +447,15 @@ impl Connection {
         match result {
             Ok(()) => {
                 tracing::debug!(peer = %self.peer, "peer stream ended");
+                self.pipe.end(ReadEnd::Finished, true);
                 self.linger().await;
             }
             Err(Fatal::AppGone) => tracing::debug!(peer = %self.peer, "the application left"),
             Err(Fatal::Failed(reason)) => {
                 tracing::warn!(peer = %self.peer, %reason, "peer stream failed");
-                let _ = self.outcome.failure.set(reason);
+                self.pipe.end(ReadEnd::Failed(reason), true);
             }
         }
-        // Dropping the task's end ends the application's reads.
     }
 
     /// After the end, the peer may not have heard the last
@@ -516,29 +478,23 @@ impl Connection {
     }
 
     fn done(&self) -> bool {
-        self.app_ended && self.acked == self.sent + 1 && self.delivered_end
+        self.app_ended && self.acked == self.sent + 1 && self.peer_ended
     }
 
     async fn serve(&mut self, first: Offered) -> Result<(), Fatal> {
         self.install(first)?;
-        let mut buffer = BytesMut::new();
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let pipe = Arc::clone(&self.pipe);
         while !self.done() {
-            let room = self.sent - self.acked.min(self.sent) < self.window.bytes();
-            let inbox_room = self.inbox.bytes < RECEIVE_BUFFER_BYTES;
+            self.take_app_bytes();
+            let inbox_room = pipe.has_receive_room();
             let relink_deadline =
                 self.unlinked_since.map_or_else(Instant::now, |since| since + RELINK_TIMEOUT);
             tokio::select! {
-                read = read_data_record(&mut self.app_reader, &mut buffer), if !self.app_ended && room => {
-                    self.on_app_bytes(read);
-                }
-                written = write_front(&mut self.app_writer, &self.inbox), if self.inbox.bytes > 0 => {
-                    let written = written.map_err(|_| Fatal::AppGone)?;
-                    self.delivered(written).await;
-                }
+                () = pipe.changed() => {}
                 record = next_record(&mut self.link), if inbox_room => match record {
-                    Some(Ok(record)) => self.on_record(record).await?,
+                    Some(Ok(record)) => self.on_record(record)?,
                     Some(Err(error)) => self.lose_link(&error.to_string()),
                     None => self.lose_link("the link ended"),
                 },
@@ -582,49 +538,34 @@ impl Connection {
         }
     }
 
-    /// Takes what the application wrote: `record` is an encoded data
-    /// record of it, or an empty buffer at the application's end.
-    fn on_app_bytes(&mut self, record: Bytes) {
+    /// Takes what the application wrote, while the send window has room,
+    /// and its end. An application that dropped its stream ended its
+    /// writing, as TCP's close does: what it wrote is still delivered.
+    fn take_app_bytes(&mut self) {
+        if self.app_ended {
+            return;
+        }
+        let room = self.window.bytes().saturating_sub(self.sent - self.acked.min(self.sent));
+        let taken = self.pipe.take(room);
         let ready = self.link.as_ref().is_some_and(|link| link.ready);
-        if record.len() <= 1 {
+        for record in taken.records {
+            self.sent += record.len() as u64 - 1;
+            self.unacked.records.push_back(record.clone());
+            if ready {
+                self.window.sent(self.sent, Instant::now());
+                self.send(record);
+            }
+        }
+        if taken.ended {
             self.app_ended = true;
             self.note_finishing();
             if ready {
                 self.send(Bytes::from(Record::Fin.encode()));
             }
-            return;
-        }
-        self.sent += record.len() as u64 - 1;
-        self.unacked.records.push_back(record.clone());
-        if ready {
-            self.window.sent(self.sent, Instant::now());
-            self.send(record);
         }
     }
 
-    /// The application took `written` bytes of the inbox.
-    async fn delivered(&mut self, written: usize) {
-        let inbox = &mut self.inbox;
-        inbox.bytes -= written;
-        inbox.front_taken += written;
-        if inbox.chunks.front().is_some_and(|front| inbox.front_taken == front.len()) {
-            inbox.chunks.pop_front();
-            inbox.front_taken = 0;
-        }
-        if self.peer_ended && self.inbox.bytes == 0 {
-            self.end_delivery().await;
-        }
-    }
-
-    /// Everything the peer sent was delivered: end the application's reads.
-    async fn end_delivery(&mut self) {
-        if !self.delivered_end {
-            self.delivered_end = true;
-            let _ = self.app_writer.shutdown().await;
-        }
-    }
-
-    async fn on_record(&mut self, record: Record) -> Result<(), Fatal> {
+    fn on_record(&mut self, record: Record) -> Result<(), Fatal> {
         if let Some(link) = self.link.as_mut() {
             link.heard_at = Instant::now();
         }
@@ -638,8 +579,9 @@ impl Connection {
                     return Err(Fatal::Failed("data after the end of the stream".into()));
                 }
                 self.received += data.len() as u64;
-                self.inbox.bytes += data.len();
-                self.inbox.chunks.push_back(data);
+                if !self.pipe.deliver(data) {
+                    return Err(Fatal::AppGone);
+                }
                 if self.received - self.acknowledged_received >= ACK_EVERY_BYTES {
                     self.acknowledge();
                 }
@@ -650,9 +592,7 @@ impl Connection {
                     self.peer_ended = true;
                     self.received += 1;
                     self.note_finishing();
-                    if self.inbox.bytes == 0 {
-                        self.end_delivery().await;
-                    }
+                    self.pipe.end(ReadEnd::Finished, false);
                 }
                 self.acknowledge();
                 Ok(())
@@ -787,30 +727,6 @@ impl Connection {
     }
 }
 
-/// Reads what the application wrote, at most [`DATA_CHUNK_BYTES`], into
-/// `buffer` behind a data record's type byte, and returns the encoded
-/// record; a bare type byte (or nothing) when the application ended its
-/// writing or dropped its end. The buffer is reused once every record cut
-/// from it is acknowledged.
-async fn read_data_record(app: &mut ReadHalf<DuplexStream>, buffer: &mut BytesMut) -> Bytes {
-    buffer.clear();
-    buffer.reserve(1 + DATA_CHUNK_BYTES);
-    buffer.put_u8(DATA);
-    // An error here means the application dropped its end.
-    let _ = app.read_buf(&mut (&mut *buffer).limit(DATA_CHUNK_BYTES)).await;
-    buffer.split().freeze()
-}
-
-/// Writes as much of the inbox's first chunk as the application takes.
-async fn write_front(app: &mut WriteHalf<DuplexStream>, inbox: &Inbox) -> std::io::Result<usize> {
-    let Some(front) = inbox.chunks.front() else { return Ok(0) };
-    let written = app.write(&front[inbox.front_taken..]).await?;
-    if written == 0 {
-        return Err(std::io::ErrorKind::WriteZero.into());
-    }
-    Ok(written)
-}
-
 /// The next record of the current link; pending forever without a link.
 async fn next_record(link: &mut Option<Active>) -> Option<Result<Record, LinkError>> {
     match link {
@@ -822,7 +738,7 @@ async fn next_record(link: &mut Option<Active>) -> Option<Result<Record, LinkErr
 async fn read_records(mut reader: SecureReader, records: mpsc::Sender<Result<Record, LinkError>>) {
     loop {
         let record = match reader.read().await {
-            Ok(bytes) => Record::decode(Bytes::from(bytes)).map_err(LinkError::from),
+            Ok(bytes) => Record::decode(bytes).map_err(LinkError::from),
             Err(error) => Err(LinkError::from(error)),
         };
         let last = record.is_err();
@@ -888,6 +804,8 @@ mod tests {
     use super::*;
     use ferry_proto::SecretKey;
     use proptest::prelude::*;
+    use std::sync::OnceLock;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn record() -> impl Strategy<Value = Record> {
         prop_oneof![

@@ -25,9 +25,6 @@ use super::relay::{
 use super::{BenchArgs, Table, idempotency};
 use crate::db::Database;
 
-/// Round trips per hop, in milliseconds.
-const ROUND_TRIPS_MS: [u64; 4] = [0, 20, 50, 100];
-
 /// The ways across one distance, each measured in the same run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
@@ -76,7 +73,7 @@ async fn run_on(db: &Database, args: &BenchArgs) -> anyhow::Result<Table> {
     let load = Load::For(Duration::from_secs(args.distance_seconds));
     let mut table = Table::new("distance");
     super::aead::rows(&mut table)?;
-    for rtt_ms in ROUND_TRIPS_MS {
+    for &rtt_ms in &args.round_trips_ms {
         let one_way = Duration::from_millis(rtt_ms / 2);
         println!("▸ {rtt_ms} ms round trip per hop: {} s per path", args.distance_seconds);
         let mut results = Vec::new();
