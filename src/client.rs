@@ -35,7 +35,7 @@ pub struct ClientArgs {
     /// TLS (a private registry's own CA) instead of the system's roots.
     #[arg(long, env = "FERRY_REGISTRY_CA")]
     registry_ca: Option<PathBuf>,
-    /// This client's key file, created on first use.
+    /// This client's key file (`ferry key new PATH` creates one).
     #[arg(long, env = "FERRY_KEY", default_value = "ferry.key")]
     key: PathBuf,
     /// Print JSON for scripts instead of tables and progress bars.
@@ -261,6 +261,20 @@ impl ClientCommand {
     }
 }
 
+/// Reads the client's key file. A missing one is an error, never a new
+/// identity: a mistyped `--key` must not pay from, or wait for money to,
+/// a key nobody meant.
+fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
+    match SecretKey::read_file(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "no key file at {}: create one with `ferry key new {}`, or name yours with --key (or FERRY_KEY)",
+            path.display(),
+            path.display()
+        ),
+        read => read.with_context(|| format!("key file {}", path.display())),
+    }
+}
+
 /// Runs a client command.
 pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
     let args = command.client_args();
@@ -270,8 +284,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
     let key = if matches!(command, ClientCommand::Relays { .. }) && !args.key.exists() {
         SecretKey::generate()?
     } else {
-        SecretKey::read_or_create_file(&args.key)
-            .with_context(|| format!("key file {}", args.key.display()))?
+        read_key(&args.key)?
     };
     let registry = crate::registry::client(&args.registry, args.registry_ca.as_deref(), key)?;
     let cx = Client { registry, json: args.json };

@@ -87,11 +87,15 @@ struct DatabaseArgs {
 }
 
 fn main() -> ExitCode {
+    // sqlx reports slow statements at warn, under sqlx::query: that is for
+    // whoever tunes the database, with RUST_LOG, not every operator's log.
+    // Colours only on a terminal: a log file or journal gets plain text.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -190,8 +190,16 @@ impl LimitArgs {
 pub async fn run(args: RegistryArgs) -> anyhow::Result<()> {
     // Bad TLS files or proxy lists are refused before anything starts.
     let transport = args.transport.transport()?;
-    let operator = SecretKey::read_or_create_file(&args.operator_key)
+    let (operator, created) = SecretKey::read_or_create_file(&args.operator_key)
         .with_context(|| format!("operator key file {}", args.operator_key.display()))?;
+    if created {
+        // Said on every log level: a new key is a new identity.
+        eprintln!(
+            "created a new operator key {} in {}: the only key that may credit deposits; keep the file",
+            operator.public(),
+            args.operator_key.display()
+        );
+    }
     let db = db::Database::open(args.database.database_url, &args.database.data_dir).await?;
     let config = LedgerConfig {
         fee_basis_points: args.fee_bps,

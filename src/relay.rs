@@ -125,8 +125,16 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         .registry
         .context("--registry (or FERRY_REGISTRY, or registry in --config) is required")?;
     let key_path = args.key.unwrap_or_else(|| PathBuf::from("ferry-relay.key"));
-    let key = SecretKey::read_or_create_file(&key_path)
+    let (key, created) = SecretKey::read_or_create_file(&key_path)
         .with_context(|| format!("relay key file {}", key_path.display()))?;
+    if created {
+        // Said on every log level: a new key is a new identity.
+        eprintln!(
+            "created a new relay key {} in {}: this relay's identity, which its earnings and reputation belong to; keep the file",
+            key.public(),
+            key_path.display()
+        );
+    }
     let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7000)));
     let listener = tokio::net::TcpListener::bind(listen)
         .await

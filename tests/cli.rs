@@ -236,3 +236,18 @@ async fn the_registry_serves_until_sigterm_and_then_stops_cleanly() {
     assert!(status.success(), "{status}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn logs_to_a_pipe_are_plain_text() {
+    // A port that was just free: the request fails at once, and the
+    // client's debug log of the attempt goes to stderr, here a pipe.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["relays", "--registry", &format!("http://{free}")])
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("ferry runs");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("DEBUG"), "no log line to look at:\n{log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in a piped log:\n{log}");
+}

@@ -109,6 +109,14 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
     assert!(receiving.wait().await.success());
     assert!(std::fs::read(inbox.join("report.bin")).unwrap() == contents, "the file differs");
 
+    // A channel to a key that is no registered relay (the receiver's, say)
+    // is refused with the reason, and locks no escrow.
+    let refused =
+        process::run(&[&["channels", "open", &receiver_key, "0.1"][..], &as_sender[..]].concat())
+            .await;
+    let text = process::output_text(&refused);
+    assert!(!refused.status.success() && text.contains("no relay with key"), "{text}");
+
     // The sender's channel to the cheaper relay, and its money.
     let channels = ferry_json(&[&["channels", "list"], &as_sender[..]].concat()).await;
     let channel = &channels["channels"][0];
@@ -264,4 +272,25 @@ async fn ferry_send_pays_for_exactly_the_bytes_the_relay_carried() {
     assert_eq!(paid, owed, "ferry send reports what it paid");
     registry.assert_invariants().await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mistyped_key_path_is_refused_and_creates_no_identity() {
+    let dir = store_dir("typo-key");
+    std::fs::create_dir_all(&dir).unwrap();
+    let typo = dir.join("alcie.key");
+    // The command fails on the key before it would dial the registry, so
+    // nothing listens at the URL.
+    for command in
+        [&["balance"][..], &["deposit", "1", "--operator-key", "op.key"], &["channels", "list"]]
+    {
+        let args =
+            [command, &["--registry", "http://127.0.0.1:1", "--key", typo.to_str().unwrap()]]
+                .concat();
+        let output = process::run(&args).await;
+        let text = process::output_text(&output);
+        assert!(!output.status.success(), "{command:?} succeeded:\n{text}");
+        assert!(text.contains("no key file at") && text.contains("ferry key new"), "{text}");
+        assert!(!typo.exists(), "{command:?} created a key file");
+    }
 }

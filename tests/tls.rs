@@ -82,6 +82,9 @@ async fn the_market_runs_over_tls_and_refuses_a_certificate_it_does_not_trust() 
     assert_eq!(table["relays"][0]["relay"], relay_key);
     let sender_key = path(&dir.join("sender.key"));
     let receiver_key = path(&dir.join("receiver.key"));
+    for key in [&sender_key, &receiver_key] {
+        ferry_proto::SecretKey::create_file(std::path::Path::new(key)).unwrap();
+    }
     let as_sender = [&trust[..], &["--key", &sender_key]].concat();
     let as_receiver = [&trust[..], &["--key", &receiver_key]].concat();
     let operator = path(&dir.join("operator.key"));

@@ -59,7 +59,7 @@ pub struct SettleAnswer {
     responses(
         (status = 201, description = "The channel, opened", body = ChannelInfo),
         (status = 409, description = "channel_exists, idempotency_conflict", body = ErrorBody),
-        (status = 422, description = "zero_amount, insufficient_balance, same_key", body = ErrorBody),
+        (status = 422, description = "zero_amount, insufficient_balance, same_key, not_a_relay", body = ErrorBody),
         SignedErrors,
     ),
     security(("signed_request" = [])),
@@ -70,6 +70,18 @@ pub async fn open(
 ) -> Result<(StatusCode, Json<ChannelInfo>), ApiError> {
     let body: OpenBody = signed.json()?;
     let key = signed.idempotency_key()?;
+    // Escrow paid to a key no relay holds would be locked for the dispute
+    // window, for nothing.
+    if !crate::relays::exists(&state, &body.relay).await? {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not_a_relay",
+            format!(
+                "no relay with key {} is registered: a channel can only pay a registered relay (`ferry relays --all` lists them)",
+                body.relay
+            ),
+        ));
+    }
     let channel =
         state.ledger.open_channel(&key, &signed.key, &body.relay, body.nonce, body.amount).await?;
     Ok((StatusCode::CREATED, Json(channel)))

@@ -438,7 +438,7 @@ fn parse_score(text: &str) -> Option<f64> {
     text.parse::<f64>().ok().filter(|score| score.is_finite())
 }
 
-async fn exists(state: &AppState, key: &PublicKey) -> Result<bool, ApiError> {
+pub(crate) async fn exists(state: &AppState, key: &PublicKey) -> Result<bool, ApiError> {
     Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM relays WHERE key_bytes = $1)")
         .bind(key.as_bytes().as_slice())
         .fetch_one(state.ledger.pool())

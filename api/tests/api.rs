@@ -151,6 +151,7 @@ async fn the_openapi_document_describes_every_route_the_registry_serves() {
 async fn a_channel_lives_through_the_api() {
     let registry = Registry::start().await;
     let (client, relay) = (key(1), key(2));
+    register_relay(&registry, &relay).await;
     let (status, receipt) = deposit(&registry, &client, "100", "d1").await;
     assert_eq!(status, StatusCode::OK, "{receipt}");
     assert_eq!(receipt["balance"], "100");
@@ -305,6 +306,7 @@ async fn a_holder_who_uses_the_gateways_idempotency_key_first_does_not_block_its
 async fn a_retried_settlement_is_counted_once_by_the_metrics() {
     let registry = Registry::start().await;
     let (client, relay) = (key(1), key(2));
+    register_relay(&registry, &relay).await;
     assert_eq!(deposit(&registry, &client, "10", "d1").await.0, StatusCode::OK);
     let (status, channel) = Call::new(
         "POST",
@@ -365,6 +367,7 @@ async fn a_retried_settlement_is_counted_once_by_the_metrics() {
 async fn a_client_close_is_finalized_by_anyone_after_the_window() {
     let registry = Registry::start().await;
     let (client, relay, stranger) = (key(1), key(2), key(3));
+    register_relay(&registry, &relay).await;
     deposit(&registry, &client, "10", "d").await;
     let (_, channel) = Call::new(
         "POST",
@@ -498,6 +501,21 @@ async fn bad_requests_are_refused_precisely_and_change_nothing() {
         "invalid_body",
     )
     .await;
+    // A channel to a key no relay registered: its escrow would be locked
+    // for the dispute window for nothing. It is refused before the ledger
+    // is touched, and the same open succeeds once the relay registers.
+    let open = || {
+        Call::new(
+            "POST",
+            "/v1/channels",
+            Some(json!({ "relay": relay.public().to_string(), "nonce": 3, "amount": "1" })),
+        )
+        .idempotent("open-unregistered")
+    };
+    refused(&registry, open(), &client, S::UNPROCESSABLE_ENTITY, "not_a_relay").await;
+    register_relay(&registry, &relay).await;
+    let (status, body) = open().send(&registry.base, &client).await;
+    assert_eq!(status, S::CREATED, "{body}");
     let unknown = ChannelId::from_bytes([5; 32]);
     refused(
         &registry,
@@ -615,6 +633,7 @@ async fn two_registries_on_one_database_pay_each_voucher_once() {
     let options = first.ledger.pool().connect_options().as_ref().clone();
     let second = Registry::start_on(options).await;
     let (client, relay) = (key(1), key(2));
+    register_relay(&first, &relay).await;
     deposit(&first, &client, "100", "d").await;
     let mut ids = Vec::new();
     for nonce in 0..20u64 {

@@ -241,6 +241,10 @@ async fn made_up_methods_and_paths_do_not_grow_the_metrics() {
 async fn every_body_refuses_unknown_fields_and_changes_nothing() {
     let registry = Registry::start().await;
     let (client, relay) = (key(1), key(2));
+    register_relay(&registry, &relay).await;
+    let (_, registered) = Call::new("GET", &format!("/v1/relays/{}", relay.public()), None)
+        .send(&registry.base, &relay)
+        .await;
     let (status, _) = Call::new(
         "POST",
         &format!("/v1/accounts/{}/deposits", client.public()),
@@ -354,10 +358,11 @@ async fn every_body_refuses_unknown_fields_and_changes_nothing() {
         ),
         balances
     );
-    let (status, _) = Call::new("GET", &format!("/v1/relays/{}", relay.public()), None)
+    let (status, page) = Call::new("GET", &format!("/v1/relays/{}", relay.public()), None)
         .send(&registry.base, &relay)
         .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "no advert was stored");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["advert"], registered["advert"], "the registered advert was replaced");
     registry.stop().await;
 }
 

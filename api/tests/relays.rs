@@ -5,34 +5,9 @@
 mod common;
 
 use common::*;
-use ferry_proto::{HomeRelays, RelayAdvert, SecretKey, SignedHomeRelays, Voucher};
+use ferry_proto::{HomeRelays, SecretKey, SignedHomeRelays, Voucher};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-fn advert(relay: &SecretKey, price: &str, region: &str, issued_at_ms: u64) -> RelayAdvert {
-    RelayAdvert {
-        relay: relay.public(),
-        address: "127.0.0.1:7000".into(),
-        price_per_byte: price.parse().unwrap(),
-        credit_window_bytes: 1 << 20,
-        capacity_bytes_per_sec: 10 << 20,
-        region: region.into(),
-        protocol_version: 1,
-        issued_at_ms,
-    }
-}
-
-async fn publish(
-    registry: &Registry,
-    relay: &SecretKey,
-    advert: RelayAdvert,
-    signer: &SecretKey,
-) -> (StatusCode, Value) {
-    let signed = advert.sign(signer);
-    Call::new("PUT", &format!("/v1/relays/{}/advert", relay.public()), Some(json!(signed)))
-        .send(&registry.base, relay)
-        .await
-}
 
 async fn heartbeat(registry: &Registry, relay: &SecretKey) -> (StatusCode, Value) {
     Call::new(

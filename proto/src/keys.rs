@@ -214,13 +214,14 @@ impl SecretKey {
     }
 
     /// Reads the key file at `path`, creating it with a new key if it does not
-    /// exist yet.
-    pub fn read_or_create_file(path: &Path) -> io::Result<SecretKey> {
+    /// exist yet; `true` with a key it created. For a server's own key on its
+    /// first start, which should say that it made a new identity.
+    pub fn read_or_create_file(path: &Path) -> io::Result<(SecretKey, bool)> {
         match SecretKey::create_file(path) {
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
-                SecretKey::read_file(path)
+                Ok((SecretKey::read_file(path)?, false))
             }
-            result => result,
+            result => Ok((result?, true)),
         }
     }
 }
@@ -314,7 +315,8 @@ mod tests {
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(SecretKey::read_file(&path).unwrap().public(), created.public());
         assert_eq!(SecretKey::create_file(&path).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
-        assert_eq!(SecretKey::read_or_create_file(&path).unwrap().public(), created.public());
+        let (read, created_now) = SecretKey::read_or_create_file(&path).unwrap();
+        assert_eq!((read.public(), created_now), (created.public(), false));
 
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(

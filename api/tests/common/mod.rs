@@ -7,10 +7,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ferry_api::{AppState, Limits, RegistryConfig, Transport};
 use ferry_ledger::{Ledger, LedgerConfig};
 use ferry_proto::{
-    KEY_HEADER, NONCE_HEADER, SIGNATURE_HEADER, SecretKey, SignedRequest, TIMESTAMP_HEADER,
+    KEY_HEADER, NONCE_HEADER, RelayAdvert, SIGNATURE_HEADER, SecretKey, SignedRequest,
+    TIMESTAMP_HEADER,
 };
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
@@ -207,4 +208,38 @@ impl Call {
     pub async fn send(&self, base: &str, signer: &SecretKey) -> (StatusCode, Value) {
         self.send_with(base, &self.headers(signer, signer)).await
     }
+}
+
+/// A relay's advertisement at `price` per byte in `region`.
+pub fn advert(relay: &SecretKey, price: &str, region: &str, issued_at_ms: u64) -> RelayAdvert {
+    RelayAdvert {
+        relay: relay.public(),
+        address: "127.0.0.1:7000".into(),
+        price_per_byte: price.parse().unwrap(),
+        credit_window_bytes: 1 << 20,
+        capacity_bytes_per_sec: 10 << 20,
+        region: region.into(),
+        protocol_version: 1,
+        issued_at_ms,
+    }
+}
+
+pub async fn publish(
+    registry: &Registry,
+    relay: &SecretKey,
+    advert: RelayAdvert,
+    signer: &SecretKey,
+) -> (StatusCode, Value) {
+    let signed = advert.sign(signer);
+    Call::new("PUT", &format!("/v1/relays/{}/advert", relay.public()), Some(json!(signed)))
+        .send(&registry.base, relay)
+        .await
+}
+
+/// Registers `relay` (a default advertisement, signed by itself), so that
+/// clients may open channels to it.
+pub async fn register_relay(registry: &Registry, relay: &SecretKey) {
+    let (status, body) =
+        publish(registry, relay, advert(relay, "0.000000001", "eu", now() * 1000), relay).await;
+    assert!(status.is_success(), "{status} {body}");
 }
