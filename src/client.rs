@@ -118,7 +118,8 @@ pub enum ClientCommand {
         /// The column to sort by.
         #[arg(long, value_enum, default_value = "price")]
         sort: RelaySort,
-        /// Include relays that sent no recent heartbeat.
+        /// Every relay, whatever its score and whether or not it sent a
+        /// recent heartbeat (--max-price and --region still apply).
         #[arg(long)]
         all: bool,
         #[command(flatten)]
@@ -149,6 +150,18 @@ pub enum ClientCommand {
         /// The account to credit (default: this client's key).
         #[arg(long)]
         to: Option<PublicKey>,
+    },
+    /// Take money out of this key's available balance (a relay's earnings,
+    /// say): the registry's operator pays it out.
+    Withdraw {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The amount, in tokens.
+        #[arg(required_unless_present = "all")]
+        amount: Option<Amount>,
+        /// The whole available balance.
+        #[arg(long, conflicts_with = "amount")]
+        all: bool,
     },
     /// List, open and close payment channels.
     Channels {
@@ -249,6 +262,7 @@ impl ClientCommand {
             | ClientCommand::Balance { client }
             | ClientCommand::Statement { client, .. }
             | ClientCommand::Deposit { client, .. }
+            | ClientCommand::Withdraw { client, .. }
             | ClientCommand::Send { client, .. }
             | ClientCommand::Receive { client, .. }
             | ClientCommand::Tunnel { client, .. } => client,
@@ -295,6 +309,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Deposit { amount, operator_key, to, .. } => {
             deposit(&cx, amount, &operator_key, to).await
         }
+        ClientCommand::Withdraw { amount, .. } => withdraw(&cx, amount).await,
         ClientCommand::Channels { command, .. } => channels(&cx, command).await,
         ClientCommand::Send { file, to, policy, budget, .. } => {
             send(&cx, &file, to, policy.policy()?, budget.budget()?).await
@@ -366,7 +381,10 @@ async fn relays(
     all: bool,
     policy: &PolicyArgs,
 ) -> anyhow::Result<()> {
-    let policy = policy.policy()?;
+    let mut policy = policy.policy()?;
+    if all {
+        policy.min_reputation = 0.0;
+    }
     let mut offers: Vec<Offer> = cx.registry.offers(&policy).await?;
     if !all {
         offers.retain(|offer| offer.live);
@@ -471,6 +489,14 @@ async fn statement(cx: &Client, limit: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A fresh idempotency key for one money command: each run is a new
+/// operation, and the SDK's retries of it reuse the key.
+fn cli_idempotency(operation: &str) -> anyhow::Result<String> {
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|error| anyhow::anyhow!("no randomness: {error}"))?;
+    Ok(format!("cli-{operation}-{}", hex::encode(nonce)))
+}
+
 async fn deposit(
     cx: &Client,
     amount: Amount,
@@ -484,15 +510,40 @@ async fn deposit(
         )
     })?;
     let holder = to.unwrap_or_else(|| cx.registry.key().public());
-    let mut nonce = [0u8; 8];
-    getrandom::fill(&mut nonce).map_err(|error| anyhow::anyhow!("no randomness: {error}"))?;
-    let idempotency = format!("cli-deposit-{}", hex::encode(nonce));
     let as_operator = cx.registry.acting_for(operator);
-    let answer = as_operator.deposit(&holder, amount, &idempotency).await?;
+    let answer = as_operator.deposit(&holder, amount, &cli_idempotency("deposit")?).await?;
     if cx.json {
         return print_json(&answer);
     }
     println!("deposited {amount} to {holder}");
+    Ok(())
+}
+
+/// Withdraws `amount`, or with none the whole available balance.
+async fn withdraw(cx: &Client, amount: Option<Amount>) -> anyhow::Result<()> {
+    let amount = match amount {
+        Some(amount) => amount,
+        None => {
+            let balance = cx.registry.balance().await?;
+            let available: Amount = balance["available"]
+                .as_str()
+                .and_then(|text| text.parse().ok())
+                .context("the registry's balance has no available amount")?;
+            anyhow::ensure!(
+                available > Amount::ZERO,
+                "nothing to withdraw: the available balance is 0"
+            );
+            available
+        }
+    };
+    let answer = cx.registry.withdraw(amount, &cli_idempotency("withdraw")?).await?;
+    if cx.json {
+        return print_json(&answer);
+    }
+    println!(
+        "withdrew {amount}; available balance now {}",
+        answer["balance"].as_str().unwrap_or("?")
+    );
     Ok(())
 }
 

@@ -484,14 +484,7 @@ async fn market(
 
     let earner = &relays[crashed];
     let earned = ledger.balance(&earner.key).await?.earned.to_amount()?;
-    let receipt = client_of(&earner.secret()?)
-        .signed(
-            reqwest::Method::POST,
-            &format!("/v1/accounts/{}/withdrawals", earner.key),
-            Some(&serde_json::json!({ "amount": earned })),
-            Some("withdraw-earnings"),
-        )
-        .await?;
+    let receipt = client_of(&earner.secret()?).withdraw(earned, "withdraw-earnings").await?;
     println!(
         "\n▸ {} withdraws its earnings, {}; balance now {}",
         earner.plan.name,

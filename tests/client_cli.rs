@@ -173,6 +173,22 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
     assert_eq!(closed["state"], "closed");
     let statement = ferry(&[&["statement"], &as_sender[..]].concat()).await;
     assert!(statement.contains("deposit") && statement.contains("refund"), "{statement}");
+
+    // The cheap relay takes its earnings out: more than it has is refused
+    // with the reason, --all takes everything, and then nothing is left.
+    let relay_file = key_file(&dir, "relay.key", &key(10));
+    let as_relay = ["--registry", &base, "--key", relay_file.to_str().unwrap()];
+    let earned = ferry_json(&[&["balance"], &as_relay[..]].concat()).await;
+    let available: Amount = earned["available"].as_str().unwrap().parse().unwrap();
+    assert!(available > Amount::ZERO, "{earned}");
+    let too_much = process::run(&[&["withdraw", "1000"][..], &as_relay[..]].concat()).await;
+    let text = process::output_text(&too_much);
+    assert!(!too_much.status.success() && text.contains("insufficient"), "{text}");
+    let withdrawn = ferry_json(&[&["withdraw", "--all"], &as_relay[..]].concat()).await;
+    assert_eq!(withdrawn["balance"], "0", "{withdrawn}");
+    let again = process::run(&[&["withdraw", "--all"][..], &as_relay[..]].concat()).await;
+    let text = process::output_text(&again);
+    assert!(!again.status.success() && text.contains("nothing to withdraw"), "{text}");
     registry.assert_invariants().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }

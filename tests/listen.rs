@@ -46,8 +46,8 @@ async fn accept_one(relay: RelayAddress, me: SecretKey, session: Arc<Session>) -
 async fn a_dial_right_after_listen_returns_is_never_refused_as_not_listening() {
     let registry = Registry::start().await;
     let (relay_key, caller, callee) = (key(30), key(31), key(32));
-    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let relay = RunningRelay::start(&registry, &relay_key, |_| {}, store_dir("listen")).await;
+    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let at = relay.address.clone();
     let payer = Payer::new(channel, caller.clone());
     let paying = Session::open(&at, &caller, Some(channel), Some(payer)).await.unwrap();

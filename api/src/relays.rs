@@ -34,7 +34,7 @@ macro_rules! select_relays {
             "SELECT key_bytes, advert::text AS advert_text, issued_at_ms, region, first_seen, last_heartbeat, load_bytes_per_sec, sessions, ",
             "uptime_24h, reachability_24h, probe_rtt_ms, ",
             "paid_volume_30d::text AS paid_volume_30d, paying_clients_30d, ",
-            "settled_vouchers_30d, rejected_vouchers_30d, reputation, value_score, ",
+            "settled_vouchers_30d, rejected_vouchers_30d, reputation, newcomer, value_score, ",
             "price_per_byte::text AS price_text, ",
             is_live!(),
             " AS live FROM relays ",
@@ -76,6 +76,10 @@ pub struct ReputationView {
     pub rejected_vouchers_30d: i64,
     /// Days since the registry first saw the relay.
     pub age_days: f64,
+    /// Whether the score is the newcomer floor: a relay younger than 7 days
+    /// that the registry's own probes and heartbeats show reachable and up
+    /// (docs/REPUTATION.md, "A new relay").
+    pub newcomer: bool,
 }
 
 /// A relay as the market sees it.
@@ -517,6 +521,7 @@ fn view(row: &PgRow) -> Result<RelayView, ApiError> {
             settled_vouchers_30d: row.try_get("settled_vouchers_30d")?,
             rejected_vouchers_30d: row.try_get("rejected_vouchers_30d")?,
             age_days: (Utc::now() - first_seen).num_seconds() as f64 / 86_400.0,
+            newcomer: row.try_get("newcomer")?,
         },
         value_score: row.try_get("value_score")?,
         advert,

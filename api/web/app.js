@@ -341,6 +341,7 @@ async function showRelay(key) {
     ["Settled vouchers, 30 days", reputation.settled_vouchers_30d],
     ["Rejected vouchers, 30 days", reputation.rejected_vouchers_30d],
     ["Age", `${reputation.age_days.toFixed(2)} days`],
+    ["Newcomer floor", reputation.newcomer ? "yes: new, reachable and up in the registry's own probes" : "no"],
   ]);
   renderUptime(relay.uptime_history);
 }

@@ -58,7 +58,9 @@ pub enum EndpointError {
     #[error("the peer's home relay list does not verify: {0}")]
     InvalidHome(String),
     /// No relay meets the policy, or none answered.
-    #[error("no relay to listen on meets the policy; widen it (max price, reputation, region)")]
+    #[error(
+        "no relay to listen on meets the policy: `ferry relays --all` shows every relay with its score; widen the policy with --min-reputation, --max-price or --region"
+    )]
     NoRelays,
     /// Every route to the peer failed.
     #[error("could not reach {peer} through any of its {routes} routes: {last}")]

@@ -268,6 +268,18 @@ impl RegistryClient {
         self.signed(Method::POST, &path, Some(&body), Some(idempotency_key)).await
     }
 
+    /// Withdraws `amount` of this key's available balance out of the
+    /// ledger; the answer holds the balance left.
+    pub async fn withdraw(
+        &self,
+        amount: Amount,
+        idempotency_key: &str,
+    ) -> Result<Value, RegistryError> {
+        let path = format!("/v1/accounts/{}/withdrawals", self.key.public());
+        let body = json!({ "amount": amount });
+        self.signed(Method::POST, &path, Some(&body), Some(idempotency_key)).await
+    }
+
     /// Publishes the relays this client listens on.
     pub async fn publish_home_relays(
         &self,

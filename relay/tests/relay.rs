@@ -54,8 +54,8 @@ fn random_bytes(len: usize, seed: u8) -> Vec<u8> {
 async fn a_paid_tunnel_carries_bytes_intact_both_ways_and_the_relay_is_settled() {
     let registry = Registry::start().await;
     let (relay_key, caller, callee) = (key(1), key(2), key(3));
-    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let relay = RunningRelay::start(&registry, &relay_key, |_| {}, store_dir("paid")).await;
+    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
 
     let listener = Session::open(&relay.address, &callee, None, None).await.unwrap();
     listener.listen(ListenPolicy::Open).await.unwrap();
@@ -128,8 +128,8 @@ async fn a_paid_tunnel_carries_bytes_intact_both_ways_and_the_relay_is_settled()
 async fn dials_to_unknown_closed_or_refusing_peers_fail_with_the_reason() {
     let registry = Registry::start().await;
     let (relay_key, caller, callee, stranger) = (key(1), key(2), key(3), key(4));
-    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let relay = RunningRelay::start(&registry, &relay_key, |_| {}, store_dir("refusals")).await;
+    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let payer = Payer::new(channel, caller.clone());
     let _session =
         Session::open(&relay.address, &caller, Some(channel), Some(payer)).await.unwrap();
@@ -179,7 +179,6 @@ async fn dials_to_unknown_closed_or_refusing_peers_fail_with_the_reason() {
 async fn an_unpaying_client_gets_no_more_than_the_credit_window() {
     let registry = Registry::start().await;
     let (relay_key, caller, callee) = (key(1), key(2), key(3));
-    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let window = 256 * 1024u64;
     let relay = RunningRelay::start(
         &registry,
@@ -191,6 +190,7 @@ async fn an_unpaying_client_gets_no_more_than_the_credit_window() {
         store_dir("window"),
     )
     .await;
+    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let listener = Session::open(&relay.address, &callee, None, None).await.unwrap();
     listener.listen(ListenPolicy::Open).await.unwrap();
     let mut accepted = accept_all(relay.address.clone(), callee.clone(), listener);
@@ -224,8 +224,8 @@ async fn an_unpaying_client_gets_no_more_than_the_credit_window() {
 async fn bad_vouchers_are_refused_and_counted() {
     let registry = Registry::start().await;
     let (relay_key, caller, mallory) = (key(1), key(2), key(5));
-    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let relay = RunningRelay::start(&registry, &relay_key, |_| {}, store_dir("vouchers")).await;
+    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let session = Session::open(&relay.address, &caller, Some(channel), None).await.unwrap();
     let voucher = |sequence: u64, amount: &str, signer: &SecretKey, channel: ChannelId| {
         Voucher { channel, sequence, cumulative: amount.parse().unwrap() }.sign(signer)
@@ -448,9 +448,9 @@ async fn the_relay_counts_exactly_the_vouchers_the_ledger_settles() {
 async fn a_relay_restarted_from_its_voucher_log_settles_every_voucher_written_to_it() {
     let registry = Registry::start().await;
     let (relay_key, caller) = (key(1), key(2));
-    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let dir = store_dir("crash");
     let relay = RunningRelay::start(&registry, &relay_key, |_| {}, dir.clone()).await;
+    let channel = registry.fund(&caller, &relay_key.public(), "10").await;
     let session = Session::open(&relay.address, &caller, Some(channel), None).await.unwrap();
     let voucher = Voucher { channel, sequence: 1, cumulative: "3".parse().unwrap() }.sign(&caller);
     session.pay(voucher).await.unwrap();
