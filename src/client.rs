@@ -15,7 +15,11 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The first bytes of a file transfer on a peer stream.
-const FILE_MAGIC: &[u8] = b"FERRY-FILE/1\n";
+const FILE_MAGIC: &[u8] = b"FERRY-FILE/2\n";
+/// The receiver's answer to a header it will take.
+const FILE_READY: &str = "ready";
+/// The longest answer to a header: `refused ` and a reason.
+const MAX_ANSWER_BYTES: usize = 512;
 /// The longest file name a sender may announce.
 const MAX_FILE_NAME_BYTES: usize = 255;
 /// How long a receiver waits for a sender's header.
@@ -663,6 +667,15 @@ async fn send(
     policy: SelectionPolicy,
     budget: Budget,
 ) -> anyhow::Result<()> {
+    // Checked before anything is dialled or paid for.
+    let metadata =
+        tokio::fs::metadata(file).await.with_context(|| format!("{}", file.display()))?;
+    anyhow::ensure!(
+        !metadata.is_dir(),
+        "{} is a directory: ferry send sends one file (pack a directory with tar first)",
+        file.display()
+    );
+    anyhow::ensure!(metadata.is_file(), "{} is not a regular file", file.display());
     let mut source =
         tokio::fs::File::open(file).await.with_context(|| format!("opening {}", file.display()))?;
     let size = source.metadata().await?.len();
@@ -702,8 +715,9 @@ async fn send(
     Ok(())
 }
 
-/// Dials `to` through `endpoint` and sends the file: header, contents,
-/// blake3. Returns the hash and the receiver's verdict.
+/// Dials `to` through `endpoint` and sends the file: header, then (once the
+/// receiver answered that it will take it) contents and blake3. Returns the
+/// hash and the receiver's verdict.
 async fn send_over(
     endpoint: &Endpoint,
     to: PublicKey,
@@ -715,6 +729,16 @@ async fn send_over(
     let mut header = FILE_MAGIC.to_vec();
     header.extend_from_slice(format!("{name}\n{size}\n").as_bytes());
     stream.write_all(&header).await?;
+    // The receiver refuses before the contents flow (and are paid for): a
+    // name that exists there, say.
+    let answer = tokio::time::timeout(HEADER_TIMEOUT, read_line(&mut stream, MAX_ANSWER_BYTES))
+        .await
+        .context("the receiver did not answer the header in time")?
+        .context("the receiver closed the stream before taking the file")?;
+    if answer != FILE_READY {
+        let reason = answer.strip_prefix("refused ").unwrap_or(&answer);
+        bail!("the receiver refused {name}: {reason}; none of the file was sent");
+    }
     let (sent, hash) = copy_hashed(source, &mut stream, size, progress, || {
         Some(format!("paid {}", paid_total(endpoint)))
     })
@@ -779,12 +803,33 @@ async fn receive(
         .context("the sender sent no header in time")??;
     let path = out.join(&name);
     let partial = out.join(format!(".{name}.part"));
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&partial)
-        .await
-        .with_context(|| format!("creating {}", partial.display()))?;
+    let created = if tokio::fs::symlink_metadata(&path).await.is_ok() {
+        Err(anyhow::anyhow!("{} exists", path.display()))
+    } else {
+        tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .await
+            .with_context(|| format!("creating {}", partial.display()))
+    };
+    let mut file = match created {
+        Ok(file) => file,
+        Err(error) => {
+            // Told before the sender sends (and pays for) the contents.
+            let mut answer = format!("refused {error:#}").replace('\n', " ");
+            while answer.len() >= MAX_ANSWER_BYTES {
+                answer.pop();
+            }
+            let _ = stream.write_all(format!("{answer}\n").as_bytes()).await;
+            let _ = stream.shutdown().await;
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(VERDICT_TIMEOUT, stream.read_to_end(&mut rest)).await;
+            endpoint.close().await;
+            return Err(error.context(format!("refused {name} from {peer}")));
+        }
+    };
+    stream.write_all(format!("{FILE_READY}\n").as_bytes()).await?;
     let started = Instant::now();
     let progress = Progress::new(size, cx.json)?;
     let copied = copy_hashed(&mut stream, &mut file, size, &progress, || None).await;

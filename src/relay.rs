@@ -118,12 +118,46 @@ impl RelayArgs {
     }
 }
 
+/// The default price: 10^-9 per byte, about 1.07 per GiB.
+const DEFAULT_PRICE_ATTOS_PER_BYTE: u128 = 1_000_000_000;
+/// Prices more than this many times the default, or below the default
+/// divided by it (but not free), are probably a slip of the decimal point.
+const PRICE_BAND_FACTOR: u128 = 1_000;
+
+/// A warning for a price outside the sane band, naming it per GiB.
+fn price_warning(price: PricePerByte) -> Option<String> {
+    let attos = price.attos();
+    let (low, high) = (
+        DEFAULT_PRICE_ATTOS_PER_BYTE / PRICE_BAND_FACTOR,
+        DEFAULT_PRICE_ATTOS_PER_BYTE * PRICE_BAND_FACTOR,
+    );
+    let outside = attos > high || (attos > 0 && attos < low);
+    outside.then(|| {
+        format!(
+            "the price is {} per GiB, outside {}x either side of the default ({} per GiB); clients choose relays by price, so check the figure",
+            price.per_gib(),
+            PRICE_BAND_FACTOR,
+            PricePerByte::from_attos(DEFAULT_PRICE_ATTOS_PER_BYTE).map_or_else(|_| "?".into(), |p| p.per_gib().to_string()),
+        )
+    })
+}
+
 /// Runs a relay until SIGINT or SIGTERM, then settles and exits.
 pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
     let args = args.merged()?;
     let registry = args
         .registry
         .context("--registry (or FERRY_REGISTRY, or registry in --config) is required")?;
+    // Settings are checked before a key or data directory is written.
+    let region = args.region.clone().unwrap_or_else(|| "local".to_owned());
+    ferry_proto::check_region(&region).with_context(|| format!("--region {region:?}"))?;
+    let price = match args.price_per_byte {
+        Some(price) => price,
+        None => PricePerByte::from_attos(DEFAULT_PRICE_ATTOS_PER_BYTE)?,
+    };
+    if let Some(warning) = price_warning(price) {
+        eprintln!("warning: {warning}");
+    }
     let key_path = args.key.unwrap_or_else(|| PathBuf::from("ferry-relay.key"));
     let (key, created) = SecretKey::read_or_create_file(&key_path)
         .with_context(|| format!("relay key file {}", key_path.display()))?;
@@ -140,15 +174,8 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {listen}"))?;
     let bound = listener.local_addr()?;
-    let price = match args.price_per_byte {
-        Some(price) => price,
-        None => "0.000000001".parse()?,
-    };
-    let mut config = RelayConfig::new(
-        &args.public_address.unwrap_or_else(|| bound.to_string()),
-        args.region.as_deref().unwrap_or("local"),
-        price,
-    );
+    let mut config =
+        RelayConfig::new(&args.public_address.unwrap_or_else(|| bound.to_string()), &region, price);
     config.pricing = match (args.min_price_per_byte, args.max_price_per_byte) {
         (Some(min), Some(max)) => {
             anyhow::ensure!(min <= max, "--min-price-per-byte is above --max-price-per-byte");

@@ -251,3 +251,45 @@ fn logs_to_a_pipe_are_plain_text() {
     assert!(log.contains("DEBUG"), "no log line to look at:\n{log}");
     assert!(!log.contains('\u{1b}'), "ANSI escapes in a piped log:\n{log}");
 }
+
+#[test]
+fn a_relay_with_a_bad_region_writes_nothing_and_an_outlandish_price_is_warned_about() {
+    let dir = std::env::temp_dir().join(format!("ferry-cli-relay-settings-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, data) = (dir.join("relay.key"), dir.join("data"));
+    // Nothing listens at the registry's address: the relay fails there, if
+    // it gets that far.
+    let registry = format!(
+        "http://{}",
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    );
+    let relay = |extra: &[&str]| {
+        let base = [
+            "relay",
+            "--registry",
+            &registry,
+            "--listen",
+            "127.0.0.1:0",
+            "--key",
+            key.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        ferry(&[&base[..], extra].concat())
+    };
+    let refused = relay(&["--region", "Europe West"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("--region") && text(&refused).contains("a-z"),
+        "{}",
+        text(&refused)
+    );
+    assert!(!key.exists() && !data.exists(), "a refused relay wrote its key or data");
+    let dear = relay(&["--region", "eu-west", "--price-per-byte", "1.0"]);
+    let stderr = String::from_utf8_lossy(&dear.stderr);
+    assert!(stderr.contains("warning: the price is 1073741824 per GiB"), "{stderr}");
+    let usual = relay(&["--region", "eu-west"]);
+    assert!(!String::from_utf8_lossy(&usual.stderr).contains("warning: the price"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

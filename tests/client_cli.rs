@@ -109,6 +109,26 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
     assert!(receiving.wait().await.success());
     assert!(std::fs::read(inbox.join("report.bin")).unwrap() == contents, "the file differs");
 
+    // The same name again: the receiver refuses before the contents flow,
+    // and keeps its file.
+    let mut receive_args = args(&as_receiver, &["receive", "--min-reputation", "0"]);
+    receive_args.extend(["--out".into(), inbox.display().to_string()]);
+    let (receiving, _) = process::spawn(receive_args).await;
+    let again = process::run(
+        &[
+            &["send", file.to_str().unwrap(), "--to", &receiver_key][..],
+            &["--min-reputation", "0", "--budget", "0.5"],
+            &as_sender[..],
+        ]
+        .concat(),
+    )
+    .await;
+    let text = process::output_text(&again);
+    assert!(!again.status.success(), "{text}");
+    assert!(text.contains("refused report.bin") && text.contains("exists"), "{text}");
+    assert!(!receiving.wait().await.success());
+    assert!(std::fs::read(inbox.join("report.bin")).unwrap() == contents, "the file changed");
+
     // A channel to a key that is no registered relay (the receiver's, say)
     // is refused with the reason, and locks no escrow.
     let refused =
@@ -309,4 +329,36 @@ async fn a_mistyped_key_path_is_refused_and_creates_no_identity() {
         assert!(text.contains("no key file at") && text.contains("ferry key new"), "{text}");
         assert!(!typo.exists(), "{command:?} created a key file");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_checks_its_file_before_dialling() {
+    let dir = store_dir("send-checks");
+    std::fs::create_dir_all(dir.join("a-directory")).unwrap();
+    let me = key_file(&dir, "me.key", &key(50));
+    // Nothing listens at the registry's address: an error that names the
+    // file, not the registry, shows nothing was dialled.
+    let registry = format!(
+        "http://{}",
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    );
+    let to = key(51).public().to_string();
+    for (file, expected) in [("a-directory", "is a directory"), ("missing.bin", "missing.bin")] {
+        let path = dir.join(file);
+        let args = [
+            "send",
+            path.to_str().unwrap(),
+            "--to",
+            &to,
+            "--registry",
+            &registry,
+            "--key",
+            me.to_str().unwrap(),
+        ];
+        let output = process::run(&args).await;
+        let text = process::output_text(&output);
+        assert!(!output.status.success() && text.contains(expected), "{text}");
+        assert!(!text.contains("registry"), "it dialled: {text}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
