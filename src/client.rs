@@ -236,8 +236,8 @@ pub enum ChannelCommand {
     Open {
         #[command(flatten)]
         client: ClientArgs,
-        /// The relay's key.
-        relay: PublicKey,
+        /// The relay's key, or a unique prefix of it (as tables show).
+        relay: String,
         /// The escrow, in tokens.
         amount: Amount,
     },
@@ -246,8 +246,8 @@ pub enum ChannelCommand {
     Close {
         #[command(flatten)]
         client: ClientArgs,
-        /// The channel.
-        channel: ChannelId,
+        /// The channel's id, or a unique prefix of it.
+        channel: String,
         /// Finalize too (fails while the dispute window is open).
         #[arg(long)]
         finalize: bool,
@@ -386,13 +386,12 @@ async fn relays(
     policy: &PolicyArgs,
 ) -> anyhow::Result<()> {
     let mut policy = policy.policy()?;
-    if all {
+    let mut offers: Vec<Offer> = if all {
         policy.min_reputation = 0.0;
-    }
-    let mut offers: Vec<Offer> = cx.registry.offers(&policy).await?;
-    if !all {
-        offers.retain(|offer| offer.live);
-    }
+        cx.registry.offers_live_or_not(&policy).await?
+    } else {
+        cx.registry.offers(&policy).await?
+    };
     match sort {
         RelaySort::Price => offers.sort_by_key(|offer| offer.price()),
         RelaySort::Reputation => offers.sort_by(|a, b| b.reputation.total_cmp(&a.reputation)),
@@ -579,6 +578,7 @@ async fn channels(cx: &Client, command: ChannelCommand) -> anyhow::Result<()> {
             }
         }
         ChannelCommand::Open { relay, amount, .. } => {
+            let relay = resolve_relay(cx, &relay).await?;
             let channels = cx.registry.channels().await?;
             let nonce = ferry_client::next_nonce(&channels, &cx.registry.key().public(), &relay);
             let channel = cx.registry.open_channel(&relay, nonce, amount).await?;
@@ -588,6 +588,7 @@ async fn channels(cx: &Client, command: ChannelCommand) -> anyhow::Result<()> {
             println!("opened channel {} to {relay} with {amount}", channel.id);
         }
         ChannelCommand::Close { channel, finalize, .. } => {
+            let channel = resolve_channel(cx, &channel).await?;
             let mut view = cx.registry.request_close(&channel).await?;
             if finalize && view.state != "closed" {
                 view = cx.registry.finalize(&channel).await?;
@@ -602,6 +603,57 @@ async fn channels(cx: &Client, command: ChannelCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The shortest prefix of a key or channel id that is looked up.
+const MIN_PREFIX_DIGITS: usize = 4;
+
+/// The one of `candidates` whose text form starts with `typed`: the
+/// tables show 12-digit prefixes, and a unique prefix of at least
+/// [`MIN_PREFIX_DIGITS`] names its key or id.
+fn unique_prefix<T: std::fmt::Display>(
+    typed: &str,
+    what: &str,
+    candidates: impl IntoIterator<Item = T>,
+) -> anyhow::Result<T> {
+    anyhow::ensure!(
+        typed.len() >= MIN_PREFIX_DIGITS
+            && typed.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+        "{typed:?} is not a {what}: give its 64 lowercase hex digits, or a prefix of at least {MIN_PREFIX_DIGITS}"
+    );
+    let mut matching: Vec<T> = candidates
+        .into_iter()
+        .filter(|candidate| candidate.to_string().starts_with(typed))
+        .collect();
+    match matching.len() {
+        1 => Ok(matching.remove(0)),
+        0 => bail!("no {what} starts with {typed}"),
+        count => bail!(
+            "{typed} is the start of {count} {what}s ({}): type more of it",
+            matching.iter().map(|m| m.to_string()[..16].to_owned()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// A relay's key from its whole text or a unique prefix among the
+/// registry's relays, live or not.
+async fn resolve_relay(cx: &Client, typed: &str) -> anyhow::Result<PublicKey> {
+    if let Ok(key) = typed.parse() {
+        return Ok(key);
+    }
+    let every = SelectionPolicy { min_reputation: 0.0, ..SelectionPolicy::default() };
+    let offers = cx.registry.offers_live_or_not(&every).await?;
+    unique_prefix(typed, "relay key", offers.iter().map(Offer::key))
+}
+
+/// A channel id from its whole text or a unique prefix among this key's
+/// channels.
+async fn resolve_channel(cx: &Client, typed: &str) -> anyhow::Result<ChannelId> {
+    if let Ok(id) = typed.parse() {
+        return Ok(id);
+    }
+    let channels = cx.registry.channels().await?;
+    unique_prefix(typed, "channel id", channels.iter().map(|channel| channel.id))
 }
 
 /// A progress display on standard error: bytes, rate and, for a payer,
@@ -970,6 +1022,41 @@ mod tests {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn a_unique_prefix_names_its_key_and_others_are_refused() {
+        let keys: Vec<PublicKey> =
+            (1..=40u8).map(|seed| SecretKey::from_seed(&[seed; 32]).public()).collect();
+        let first = keys[0].to_string();
+        assert_eq!(
+            unique_prefix(&first[..12], "relay key", keys.iter().copied()).unwrap(),
+            keys[0]
+        );
+        assert_eq!(unique_prefix(&first, "relay key", keys.iter().copied()).unwrap(), keys[0]);
+        for (typed, error) in
+            [("abc", "not a relay key"), ("ABCD", "not a relay key"), ("zzzz", "not a relay key")]
+        {
+            let refused = unique_prefix(typed, "relay key", keys.iter().copied()).unwrap_err();
+            assert!(refused.to_string().contains(error), "{typed}: {refused}");
+        }
+        let absent = (0..=0xffffu32)
+            .map(|n| format!("{n:04x}"))
+            .find(|p| keys.iter().all(|key| !key.to_string().starts_with(p.as_str())))
+            .unwrap();
+        assert!(
+            unique_prefix(&absent, "relay key", keys.iter().copied())
+                .unwrap_err()
+                .to_string()
+                .contains("no relay key starts with")
+        );
+        let twins = [keys[0], keys[0]];
+        assert!(
+            unique_prefix(&first[..8], "relay key", twins)
+                .unwrap_err()
+                .to_string()
+                .contains("type more of it")
+        );
     }
 
     #[tokio::test]

@@ -187,10 +187,12 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
     // The relays settle as they stop; closing returns the rest.
     cheap.shutdown().await;
     dear.shutdown().await;
-    let id = channel["id"].as_str().unwrap();
+    // By the 12-digit prefix the tables show.
+    let id = &channel["id"].as_str().unwrap()[..12];
     let closed =
         ferry_json(&[&["channels", "close", id, "--finalize"], &as_sender[..]].concat()).await;
     assert_eq!(closed["state"], "closed");
+    assert_eq!(closed["id"], channel["id"]);
     let statement = ferry(&[&["statement"], &as_sender[..]].concat()).await;
     assert!(statement.contains("deposit") && statement.contains("refund"), "{statement}");
 
@@ -209,6 +211,19 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
     let again = process::run(&[&["withdraw", "--all"][..], &as_relay[..]].concat()).await;
     let text = process::output_text(&again);
     assert!(!again.status.success() && text.contains("nothing to withdraw"), "{text}");
+
+    // A relay named by the prefix the relay table shows; a prefix no relay
+    // has is refused with the reason.
+    let cheap_key = key(10).public().to_string();
+    let opened =
+        ferry_json(&[&["channels", "open", &cheap_key[..12], "0.1"], &as_sender[..]].concat())
+            .await;
+    assert_eq!(opened["relay"], cheap_key);
+    let unknown = if cheap_key.starts_with("ffff") { "eeee" } else { "ffff" };
+    let refused =
+        process::run(&[&["channels", "open", unknown, "0.1"][..], &as_sender[..]].concat()).await;
+    let text = process::output_text(&refused);
+    assert!(!refused.status.success() && text.contains("no relay key starts with"), "{text}");
     registry.assert_invariants().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }

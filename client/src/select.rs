@@ -127,7 +127,24 @@ impl RegistryClient {
     /// reputation and region, cheapest first (at most [`MAX_OFFERS`]).
     /// Offers whose advertisement does not verify are left out.
     pub async fn offers(&self, policy: &SelectionPolicy) -> Result<Vec<Offer>, RegistryError> {
-        let mut query = format!("/v1/relays?sort=price&limit={MAX_OFFERS}");
+        self.listed_offers(policy, true).await
+    }
+
+    /// As [`RegistryClient::offers`], with relays that sent no recent
+    /// heartbeat too: for people looking at the market, not for choosing.
+    pub async fn offers_live_or_not(
+        &self,
+        policy: &SelectionPolicy,
+    ) -> Result<Vec<Offer>, RegistryError> {
+        self.listed_offers(policy, false).await
+    }
+
+    async fn listed_offers(
+        &self,
+        policy: &SelectionPolicy,
+        live_only: bool,
+    ) -> Result<Vec<Offer>, RegistryError> {
+        let mut query = format!("/v1/relays?sort=price&limit={MAX_OFFERS}&live={live_only}");
         if let Some(price) = policy.max_price {
             query.push_str(&format!("&max_price={}", percent_encode(&price.to_string())));
         }
