@@ -377,3 +377,111 @@ async fn send_checks_its_file_before_dialling() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The examples of docs/CLIENT.md, "Examples", run as their users run
+/// them against a market: an echo service, and a paid download that the
+/// fetching side pays for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_examples_run_against_a_market() {
+    // Probing, so that the new relays reach a default client's bar.
+    let registry = Registry::start_probing(Some(std::time::Duration::from_millis(200))).await;
+    let dir = store_dir("examples");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut relays = Vec::new();
+    for seed in [60, 61] {
+        relays.push(
+            RunningRelay::start(
+                &registry,
+                &key(seed),
+                |_| {},
+                store_dir(&format!("examples-{seed}")),
+            )
+            .await,
+        );
+    }
+    let (server, client) = (key(62), key(63));
+    // A few probe rounds make both relays newcomers a default client takes.
+    let admitted = async {
+        loop {
+            let policy = SelectionPolicy::default();
+            let offers = registry.client(&client).offers(&policy).await.unwrap();
+            if offers.len() == 2 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, admitted).await.expect("the relays reach the default bar");
+    let server_file = key_file(&dir, "server.key", &server);
+    let client_file = key_file(&dir, "client.key", &client);
+    registry
+        .client(&operator())
+        .deposit(&client.public(), "2".parse().unwrap(), "examples")
+        .await
+        .unwrap();
+    let path = |path: &Path| path.to_str().unwrap().to_owned();
+    let run = |name: &str, args: Vec<String>| {
+        let program = process::example(name);
+        async move {
+            let output = tokio::time::timeout(
+                WAIT,
+                tokio::process::Command::new(program).args(args).output(),
+            )
+            .await
+            .expect("the example finishes in time")
+            .unwrap();
+            let text = process::output_text(&output);
+            assert!(output.status.success(), "{text}");
+            text
+        }
+    };
+    let base = registry.base.clone();
+
+    let (echoing, line) = process::spawn_program(
+        &process::example("echo"),
+        vec!["serve".into(), base.clone(), path(&server_file)],
+    )
+    .await;
+    assert_eq!(line.trim(), format!("echoing as {}", server.public()));
+    let server_key = server.public().to_string();
+    let echoed = run(
+        "echo",
+        vec![
+            "dial".into(),
+            base.clone(),
+            path(&client_file),
+            server_key.clone(),
+            "hello, market".into(),
+        ],
+    )
+    .await;
+    assert!(echoed.starts_with("hello, market\npaid 0."), "{echoed}");
+    drop(echoing);
+
+    let file = dir.join("offered.bin");
+    let contents: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&file, &contents).unwrap();
+    let (serving, line) = process::spawn_program(
+        &process::example("paid_download"),
+        vec!["serve".into(), base.clone(), path(&server_file), path(&file)],
+    )
+    .await;
+    assert!(line.starts_with("serving"), "{line}");
+    let out = dir.join("fetched.bin");
+    let fetched = run(
+        "paid_download",
+        vec!["fetch".into(), base.clone(), path(&client_file), server_key, path(&out)],
+    )
+    .await;
+    assert!(fetched.contains(&format!("fetched {} bytes", contents.len())), "{fetched}");
+    assert!(std::fs::read(&out).unwrap() == contents, "the download differs");
+    let paid: Amount =
+        fetched.lines().find_map(|line| line.strip_prefix("paid ")).unwrap().parse().unwrap();
+    assert!(paid > Amount::ZERO, "{fetched}");
+    drop(serving);
+    for relay in relays {
+        relay.shutdown().await;
+    }
+    registry.assert_invariants().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -61,7 +61,23 @@ impl Drop for Process {
 
 /// Starts `ferry` with `args` and returns it with its first output line.
 pub async fn spawn(args: Vec<String>) -> (Process, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+    spawn_program(Path::new(env!("CARGO_BIN_EXE_ferry")), args).await
+}
+
+/// One of the workspace's examples, as `cargo test` built it beside the
+/// test binaries (`target/<profile>/examples/`).
+pub fn example(name: &str) -> std::path::PathBuf {
+    let test_binary = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/examples/<name>
+    let profile = test_binary.parent().and_then(Path::parent).unwrap();
+    let path = profile.join("examples").join(name);
+    assert!(path.exists(), "{} is not built: `cargo test` builds the examples", path.display());
+    path
+}
+
+/// Starts `program` with `args` and returns it with its first output line.
+pub async fn spawn_program(program: &Path, args: Vec<String>) -> (Process, String) {
+    let child = Command::new(program)
         .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -88,9 +104,13 @@ pub async fn spawn(args: Vec<String>) -> (Process, String) {
         }),
     )
     .await
-    .expect("ferry starts in time")
+    .expect("the process starts in time")
     .unwrap();
-    assert!(!line.is_empty(), "ferry {args:?} exited before printing its address");
+    assert!(
+        !line.is_empty(),
+        "{} {args:?} exited before printing its first line",
+        program.display()
+    );
     (process, line)
 }
 
