@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use ferry_proto::{PublicKey, SecretKey, Signature};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use snow::HandshakeState;
@@ -30,6 +30,10 @@ pub const MAX_RECORD_BYTES: usize = 65_535;
 pub const TAG_BYTES: usize = 16;
 /// The most plaintext one record carries.
 pub const MAX_PLAINTEXT_BYTES: usize = MAX_RECORD_BYTES - TAG_BYTES;
+/// The most a link's reader asks its connection for at once. Records it
+/// returns are slices of this memory, so at most about twice their bytes
+/// stay allocated while the application holds them.
+pub const READ_AHEAD_BYTES: usize = 2 * (2 + MAX_RECORD_BYTES);
 /// How long the whole handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An identity payload: ed25519 key and its signature of the static key.
@@ -139,8 +143,8 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
 pub struct SecureReader {
     inner: ReadHalf<Box<dyn Transport>>,
     cipher: RecordCipher,
-    /// Where records are read and opened. Each plaintext is split off it,
-    /// and its memory is reused once the last of them is dropped.
+    /// Bytes read from the link and not yet returned: whole records, then
+    /// the start of the next. Each plaintext is split off it.
     buffer: BytesMut,
 }
 
@@ -191,23 +195,32 @@ async fn write_raw(
 }
 
 impl SecureReader {
-    /// The next record's plaintext, opened where it was read.
+    /// The next record's plaintext, opened where it was read. Reads take
+    /// what the connection has, up to [`READ_AHEAD_BYTES`], so that one
+    /// read often brings several records.
     pub async fn read(&mut self) -> Result<Bytes, SecureError> {
-        let length = usize::from(self.inner.read_u16().await?);
-        if length < TAG_BYTES {
-            return Err(SecureError::RecordLength(length));
-        }
-        self.buffer.clear();
-        self.buffer.reserve(length);
-        while self.buffer.len() < length {
-            let missing = length - self.buffer.len();
-            if self.inner.read_buf(&mut (&mut self.buffer).limit(missing)).await? == 0 {
+        loop {
+            if let Some(&[high, low]) = self.buffer.get(..2) {
+                let length = usize::from(u16::from_be_bytes([high, low]));
+                if length < TAG_BYTES {
+                    return Err(SecureError::RecordLength(length));
+                }
+                if self.buffer.len() >= 2 + length {
+                    let mut record = self.buffer.split_to(2 + length).split_off(2);
+                    let plaintext_bytes = self.cipher.open(&mut record)?;
+                    record.truncate(plaintext_bytes);
+                    return Ok(record.freeze());
+                }
+            }
+            if self.buffer.capacity() - self.buffer.len() < 2 + MAX_RECORD_BYTES {
+                // Records returned earlier keep their part of the old
+                // memory; only the start of the next one moves.
+                self.buffer.reserve(READ_AHEAD_BYTES);
+            }
+            if self.inner.read_buf(&mut self.buffer).await? == 0 {
                 return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
             }
         }
-        let plaintext_bytes = self.cipher.open(&mut self.buffer)?;
-        self.buffer.truncate(plaintext_bytes);
-        Ok(self.buffer.split().freeze())
     }
 }
 
@@ -409,6 +422,59 @@ mod tests {
             dial_writer.write(&vec![0; MAX_PLAINTEXT_BYTES + 1]).await,
             Err(SecureError::RecordLength(_))
         ));
+    }
+
+    /// Records of assorted sizes, over pipes that cut them anywhere (a small
+    /// buffer) or bring several in one read (a large one), arrive whole and
+    /// in order.
+    #[tokio::test]
+    async fn records_arrive_whole_however_the_connection_cuts_them() {
+        for pipe_bytes in [7, 1 << 20] {
+            let (near, far) = tokio::io::duplex(pipe_bytes);
+            let answering = key(2);
+            let responder = tokio::spawn(async move { respond(Box::new(far), &answering).await });
+            let (_, mut writer) =
+                initiate(Box::new(near), &key(1), &key(2).public()).await.unwrap();
+            let (_, mut reader, _) = responder.await.unwrap().unwrap();
+            let sizes: Vec<usize> =
+                (0..40).map(|i| [0, 1, 15, 16, 4096, MAX_PLAINTEXT_BYTES][i % 6]).collect();
+            let records: Vec<Vec<u8>> =
+                sizes.iter().enumerate().map(|(i, &size)| vec![i as u8; size]).collect();
+            let sent = records.clone();
+            let writing = tokio::spawn(async move {
+                for record in &sent {
+                    writer.write(record).await.unwrap();
+                }
+                writer
+            });
+            for record in &records {
+                assert_eq!(reader.read().await.unwrap(), record[..], "pipe of {pipe_bytes} bytes");
+            }
+            drop(writing.await.unwrap());
+            // The writer is gone: the next read ends, it does not hang.
+            assert!(matches!(reader.read().await, Err(SecureError::Io(_))));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_shorter_than_its_tag_or_cut_off_is_refused() {
+        for (wire, too_short) in [(&[0u8, 15, 1, 2][..], true), (&[0, 40, 1, 2, 3][..], false)] {
+            let (mut near, far) = tokio::io::duplex(1 << 10);
+            let (reader, _) = tokio::io::split(Box::new(far) as Box<dyn Transport>);
+            let mut reader = SecureReader {
+                inner: reader,
+                cipher: RecordCipher::new(&[9; 32]).unwrap(),
+                buffer: BytesMut::new(),
+            };
+            near.write_all(wire).await.unwrap();
+            drop(near);
+            let refused = reader.read().await.unwrap_err();
+            match refused {
+                SecureError::RecordLength(15) if too_short => {}
+                SecureError::Io(_) if !too_short => {}
+                other => panic!("{wire:?}: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]
