@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use ferry_client::select::{Offer, SelectionPolicy};
 use ferry_client::wallet::Budget;
-use ferry_client::{Endpoint, EndpointConfig, RegistryClient};
+use ferry_client::{ChannelView, Endpoint, EndpointConfig, RegistryClient};
 use ferry_proto::{Amount, ChannelId, PricePerByte, PublicKey, SecretKey};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -591,7 +591,16 @@ async fn channels(cx: &Client, command: ChannelCommand) -> anyhow::Result<()> {
             let channel = resolve_channel(cx, &channel).await?;
             let mut view = cx.registry.request_close(&channel).await?;
             if finalize && view.state != "closed" {
-                view = cx.registry.finalize(&channel).await?;
+                view = match cx.registry.finalize(&channel).await {
+                    Ok(view) => view,
+                    Err(error) if error.code() == Some("dispute_window_open") => {
+                        bail!(
+                            "channel {channel} cannot be finalized yet: {}",
+                            until_finalize(&view)
+                        )
+                    }
+                    Err(error) => return Err(error.into()),
+                };
             }
             if cx.json {
                 return print_json(&json!(view));
@@ -600,9 +609,38 @@ async fn channels(cx: &Client, command: ChannelCommand) -> anyhow::Result<()> {
                 "channel {channel}: {} (settled {}, refunded {})",
                 view.state, view.settled, view.refunded
             );
+            if view.state == "closing" {
+                println!("{}", until_finalize(&view));
+            }
         }
     }
     Ok(())
+}
+
+/// When a closing channel can be finalized, in words.
+fn until_finalize(view: &ChannelView) -> String {
+    let deadline = view
+        .dispute_deadline
+        .as_deref()
+        .and_then(|text| chrono::DateTime::parse_from_rfc3339(text).ok());
+    match deadline {
+        Some(deadline) => {
+            let left = deadline.with_timezone(&chrono::Utc) - chrono::Utc::now();
+            let wait = if left.num_seconds() <= 0 {
+                "now".to_owned()
+            } else {
+                format!("in {} h {} min", left.num_hours(), left.num_minutes() % 60)
+            };
+            format!(
+                "the relay may settle until {deadline} ({wait}); then `ferry channels close {} --finalize` refunds the rest",
+                view.id
+            )
+        }
+        None => format!(
+            "`ferry channels close {} --finalize` refunds the rest once the dispute window has passed",
+            view.id
+        ),
+    }
 }
 
 /// The shortest prefix of a key or channel id that is looked up.

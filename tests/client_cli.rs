@@ -219,6 +219,14 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
         ferry_json(&[&["channels", "open", &cheap_key[..12], "0.1"], &as_sender[..]].concat())
             .await;
     assert_eq!(opened["relay"], cheap_key);
+    // Closing without --finalize says when finalizing becomes possible.
+    let opened_id = opened["id"].as_str().unwrap();
+    let closing = ferry(&[&["channels", "close", opened_id], &as_sender[..]].concat()).await;
+    assert!(
+        closing.contains("closing") && closing.contains("the relay may settle until"),
+        "{closing}"
+    );
+    assert!(closing.contains(&format!("ferry channels close {opened_id} --finalize")), "{closing}");
     let unknown = if cheap_key.starts_with("ffff") { "eeee" } else { "ffff" };
     let refused =
         process::run(&[&["channels", "open", unknown, "0.1"][..], &as_sender[..]].concat()).await;

@@ -43,6 +43,16 @@ pub enum RegistryError {
     Prepare(String),
 }
 
+impl RegistryError {
+    /// The registry's error code, when it refused.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            RegistryError::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
 /// A payment channel as the registry shows it to its client and its relay.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChannelView {
@@ -67,6 +77,10 @@ pub struct ChannelView {
     pub nonce: u64,
     /// The newest settled voucher's sequence.
     pub last_sequence: u64,
+    /// While closing: until when (RFC 3339) the relay may still settle;
+    /// after it anyone may finalize the channel.
+    #[serde(default)]
+    pub dispute_deadline: Option<String>,
 }
 
 /// The registry's API, signed by one key.
