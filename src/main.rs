@@ -41,7 +41,7 @@ enum Command {
     /// Serve the registry and ledger web API.
     Registry(registry::RegistryArgs),
     /// Run a relay: carry clients' bytes and get paid for them.
-    Relay(Box<relay::RelayArgs>),
+    Relay(Box<relay::RelayCommand>),
     /// Run the benchmarks and print their figures against same-run baselines.
     Bench(bench::BenchArgs),
     #[command(flatten)]
@@ -160,7 +160,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Registry(args) => registry::run(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Relay(args) => relay::run(*args).await.map(|()| ExitCode::SUCCESS),
+        Command::Relay(command) => match command.action {
+            Some(relay::RelayAction::Status(args)) => relay::status::run(args).await,
+            None => relay::run(command.run).await,
+        }
+        .map(|()| ExitCode::SUCCESS),
         Command::Client(command) => client::run(command).await.map(|()| ExitCode::SUCCESS),
         Command::Ledger { command: LedgerCommand::Check { database, json } } => {
             let db = db::Database::open(database.database_url, &database.data_dir).await?;

@@ -12,8 +12,29 @@ use ferry_proto::{PricePerByte, SecretKey};
 use ferry_relay::{DataDir, PricingPolicy, Relay, RelayConfig};
 use serde::Deserialize;
 
+pub mod status;
+
 /// How long the final settlement at shutdown may retry.
 const SHUTDOWN_SETTLE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `ferry relay`: run a relay, or with `status` show the market's view of
+/// one.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct RelayCommand {
+    #[command(subcommand)]
+    pub action: Option<RelayAction>,
+    #[command(flatten)]
+    pub run: RelayArgs,
+}
+
+/// What `ferry relay` does besides running one.
+#[derive(Debug, clap::Subcommand)]
+pub enum RelayAction {
+    /// The relay's earnings, reputation and every component, and whether
+    /// default clients will choose it, and why not.
+    Status(status::StatusArgs),
+}
 
 /// Options of `ferry relay`; each may also come from the config file.
 #[derive(Debug, Args, Default, Deserialize)]

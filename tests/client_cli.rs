@@ -212,6 +212,26 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
     let text = process::output_text(&again);
     assert!(!again.status.success() && text.contains("nothing to withdraw"), "{text}");
 
+    // The relay's own view: its earnings, every component of its score,
+    // and why default clients pass it by (this registry does not probe, so
+    // it is no newcomer and stays under the bar).
+    let status_args =
+        ["relay", "status", "--registry", &base, "--key", relay_file.to_str().unwrap()];
+    let status = ferry(&status_args).await;
+    for part in [
+        "earnings: ",
+        "settled",
+        "reputation: ",
+        "reachability",
+        "default clients will not choose it: its score",
+    ] {
+        assert!(status.contains(part), "{part:?} missing from:\n{status}");
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&ferry(&[&status_args[..], &["--json"]].concat()).await).unwrap();
+    assert_eq!(status["default_clients"]["choose"], false, "{status}");
+    assert_eq!(status["relay"], key(10).public().to_string());
+
     // A relay named by the prefix the relay table shows; a prefix no relay
     // has is refused with the reason.
     let cheap_key = key(10).public().to_string();
@@ -420,6 +440,20 @@ async fn the_examples_run_against_a_market() {
         }
     };
     tokio::time::timeout(WAIT, admitted).await.expect("the relays reach the default bar");
+    let relay_file = key_file(&dir, "relay.key", &key(60));
+    let status = ferry(&[
+        "relay",
+        "status",
+        "--registry",
+        &registry.base,
+        "--key",
+        relay_file.to_str().unwrap(),
+    ])
+    .await;
+    assert!(
+        status.contains("the newcomer floor") && status.contains("default clients consider it"),
+        "{status}"
+    );
     let server_file = key_file(&dir, "server.key", &server);
     let client_file = key_file(&dir, "client.key", &client);
     registry
