@@ -466,12 +466,95 @@ fn describe_counterparty(value: &Value) -> String {
     }
 }
 
+/// What one key's channels to one relay moved: as a client pays it.
+#[derive(Debug, Default, serde::Serialize)]
+struct Spending {
+    relay: Option<PublicKey>,
+    channels: usize,
+    deposited: Amount,
+    /// Paid for vouchers: to the relay and the registry's fee.
+    spent: Amount,
+    refunded: Amount,
+    in_escrow: Amount,
+}
+
+impl Spending {
+    fn add(&mut self, channel: &ChannelView) -> anyhow::Result<()> {
+        let sum = |a: Amount, b: Amount| a.checked_add(b).context("a total overflows");
+        self.channels += 1;
+        self.deposited = sum(self.deposited, channel.deposited)?;
+        self.spent = sum(self.spent, channel.settled)?;
+        self.refunded = sum(self.refunded, channel.refunded)?;
+        self.in_escrow = sum(self.in_escrow, channel.escrow)?;
+        Ok(())
+    }
+}
+
+/// This key's spending by relay (as a client) and its earnings (as a
+/// relay): gross from its channels, net as the ledger credited it, the
+/// registry's fee between them.
+async fn spending(cx: &Client, earned: Amount) -> anyhow::Result<(Vec<Spending>, Value)> {
+    let me = cx.registry.key().public();
+    let channels = cx.registry.channels().await?;
+    let mut by_relay: Vec<Spending> = Vec::new();
+    let mut as_relay = Spending::default();
+    for channel in &channels {
+        if channel.client == me {
+            let index = match by_relay.iter().position(|s| s.relay == Some(channel.relay)) {
+                Some(index) => index,
+                None => {
+                    by_relay.push(Spending { relay: Some(channel.relay), ..Spending::default() });
+                    by_relay.len() - 1
+                }
+            };
+            by_relay[index].add(channel)?;
+        }
+        if channel.relay == me {
+            as_relay.add(channel)?;
+        }
+    }
+    // Net can exceed the gross seen when the relay has more channels than
+    // one listing holds; then the fee is unknown here.
+    let fee = as_relay.spent.checked_sub(earned).ok();
+    let earning = json!({
+        "channels": as_relay.channels, "gross": as_relay.spent, "fee": fee, "net": earned,
+        "partial": channels.len() >= ferry_ledger::MAX_CHANNELS_LISTED as usize,
+    });
+    Ok((by_relay, earning))
+}
+
 async fn statement(cx: &Client, limit: u32) -> anyhow::Result<()> {
-    let statement = cx.registry.statement(limit).await?;
+    let mut statement = cx.registry.statement(limit).await?;
+    let balance = cx.registry.balance().await?;
+    let earned: Amount =
+        balance["earned"].as_str().and_then(|t| t.parse().ok()).unwrap_or(Amount::ZERO);
+    let (by_relay, earning) = spending(cx, earned).await?;
     if cx.json {
+        statement["spending_by_relay"] = json!(by_relay);
+        statement["as_relay"] = earning;
         return print_json(&statement);
     }
     println!("balance {}", statement["balance"].as_str().unwrap_or("?"));
+    for spent in &by_relay {
+        println!(
+            "spent {} on relay {} (fees included) over {} channel(s): deposited {}, refunded {}, still in escrow {}",
+            spent.spent,
+            spent.relay.as_ref().map_or_else(String::new, short),
+            spent.channels,
+            spent.deposited,
+            spent.refunded,
+            spent.in_escrow
+        );
+    }
+    if earning["channels"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "earned as a relay over {} channel(s): gross {}, the registry's fee {}, net {}",
+            earning["channels"],
+            text_of(&earning["gross"]),
+            text_of(&earning["fee"]),
+            text_of(&earning["net"])
+        );
+    }
     let entries = statement["entries"].as_array().cloned().unwrap_or_default();
     if entries.is_empty() {
         println!("no transfers yet");
@@ -490,6 +573,11 @@ async fn statement(cx: &Client, limit: u32) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A JSON string's text, or the value as JSON.
+fn text_of(value: &Value) -> String {
+    value.as_str().map_or_else(|| value.to_string(), str::to_owned)
 }
 
 /// A fresh idempotency key for one money command: each run is a new

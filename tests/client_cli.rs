@@ -195,12 +195,36 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
     assert_eq!(closed["id"], channel["id"]);
     let statement = ferry(&[&["statement"], &as_sender[..]].concat()).await;
     assert!(statement.contains("deposit") && statement.contains("refund"), "{statement}");
+    // Spending by relay, which the ledger's entries alone do not show.
+    let cheap_short = &key(10).public().to_string()[..12];
+    assert!(statement.contains(&format!("on relay {cheap_short}")), "{statement}");
+    let spending = ferry_json(&[&["statement"], &as_sender[..]].concat()).await;
+    let spent = &spending["spending_by_relay"];
+    let to_cheap = spent
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["relay"] == key(10).public().to_string())
+        .unwrap();
+    assert_eq!(to_cheap["spent"], closed["settled"], "{spending}");
 
     // The cheap relay takes its earnings out: more than it has is refused
     // with the reason, --all takes everything, and then nothing is left.
     let relay_file = key_file(&dir, "relay.key", &key(10));
     let as_relay = ["--registry", &base, "--key", relay_file.to_str().unwrap()];
     let earned = ferry_json(&[&["balance"], &as_relay[..]].concat()).await;
+    // Gross from its channels, less the registry's fee, is what it earned.
+    let as_relay_statement = ferry_json(&[&["statement"], &as_relay[..]].concat()).await;
+    let earning = &as_relay_statement["as_relay"];
+    let amount = |value: &serde_json::Value| value.as_str().unwrap().parse::<Amount>().unwrap();
+    assert_eq!(earning["net"], earned["earned"], "{earning}");
+    assert_eq!(
+        amount(&earning["fee"]).checked_add(amount(&earning["net"])).unwrap(),
+        amount(&earning["gross"])
+    );
+    assert!(amount(&earning["fee"]) > Amount::ZERO, "{earning}");
+    let human = ferry(&[&["statement"], &as_relay[..]].concat()).await;
+    assert!(human.contains("earned as a relay") && human.contains("the registry's fee"), "{human}");
     let available: Amount = earned["available"].as_str().unwrap().parse().unwrap();
     assert!(available > Amount::ZERO, "{earned}");
     let too_much = process::run(&[&["withdraw", "1000"][..], &as_relay[..]].concat()).await;
