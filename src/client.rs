@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use ferry_client::select::{Offer, SelectionPolicy};
 use ferry_client::wallet::Budget;
-use ferry_client::{ChannelView, Endpoint, EndpointConfig, RegistryClient};
+use ferry_client::{ChannelView, Endpoint, EndpointConfig, RegistryClient, RegistryError};
 use ferry_proto::{Amount, ChannelId, PricePerByte, PublicKey, SecretKey};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -342,13 +342,18 @@ fn explain(error: anyhow::Error, registry: &str) -> anyhow::Error {
             "the registry at {registry} presented a certificate this client does not trust: check the URL's host name, or pass --registry-ca FILE with the registry's CA"
         ));
     }
-    if text.contains("error sending request") || text.contains("Connection refused") {
-        return error.context(format!(
-            "cannot reach the registry at {registry}; start one (`ferry registry`) or pass --registry URL"
-        ));
+    let refused = error.chain().find_map(|cause| cause.downcast_ref::<RegistryError>());
+    if let Some(RegistryError::Transport(_)) = refused {
+        // One line: reqwest's chain repeats the request in every link.
+        return anyhow::anyhow!(
+            "cannot reach the registry at {registry} ({}); start one (`ferry registry`) or pass --registry URL",
+            error.root_cause()
+        );
     }
-    if text.contains("insufficient_funds") {
-        return error.context("not enough money available: `ferry deposit` (on a demo registry) or a smaller --budget");
+    if refused.and_then(RegistryError::code) == Some("insufficient_balance") {
+        return error.context(
+            "not enough money available: `ferry balance` shows what is; `ferry deposit` adds some (on a demo registry), and a smaller --budget asks for less",
+        );
     }
     if text.contains("unknown_client") {
         return error.context(

@@ -23,18 +23,29 @@ pub(crate) fn client(
     Ok(RegistryClient::new(url, key, http(url, ca_file)?))
 }
 
+/// Checks a registry URL before anything else happens: `https://` or
+/// `http://`, with a host.
+pub(crate) fn parse_url(url: &str) -> anyhow::Result<reqwest::Url> {
+    let parsed = reqwest::Url::parse(url)
+        .with_context(|| format!("the registry URL {url:?} is not a URL (https://host:port)"))?;
+    anyhow::ensure!(
+        matches!(parsed.scheme(), "https" | "http"),
+        "the registry URL {url:?} must start with https:// (or http:// on this machine)"
+    );
+    anyhow::ensure!(parsed.host_str().is_some(), "the registry URL {url:?} names no host");
+    Ok(parsed)
+}
+
 /// The HTTP client for the registry at `url` (see [`client`]). A URL that
 /// is neither `http://` nor `https://` is refused, and plain HTTP to a host
 /// other than this machine draws a warning: on the way, anyone could forge
 /// the registry's answers (docs/PROTOCOL.md, "What TLS guarantees").
 fn http(url: &str, ca_file: Option<&Path>) -> anyhow::Result<reqwest::Client> {
-    let parsed = reqwest::Url::parse(url)
-        .with_context(|| format!("the registry URL {url:?} is not a URL (https://host:port)"))?;
-    let host =
-        parsed.host_str().with_context(|| format!("the registry URL {url:?} names no host"))?;
+    let parsed = parse_url(url)?;
+    let host = parsed.host_str().unwrap_or_default();
     match parsed.scheme() {
         "https" => {}
-        "http" => {
+        _ => {
             let on_this_machine = host == "localhost"
                 || host
                     .trim_start_matches('[')
@@ -47,9 +58,6 @@ fn http(url: &str, ca_file: Option<&Path>) -> anyhow::Result<reqwest::Client> {
                 );
             }
         }
-        _ => anyhow::bail!(
-            "the registry URL {url:?} must start with https:// (or http:// on this machine)"
-        ),
     }
     let pinned = match ca_file {
         Some(path) => Some(

@@ -170,6 +170,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<()> {
         .registry
         .context("--registry (or FERRY_REGISTRY, or registry in --config) is required")?;
     // Settings are checked before a key or data directory is written.
+    crate::registry::parse_url(&registry)?;
     let region = args.region.clone().unwrap_or_else(|| "local".to_owned());
     ferry_proto::check_region(&region).with_context(|| format!("--region {region:?}"))?;
     let price = match args.price_per_byte {

@@ -278,6 +278,19 @@ fn a_relay_with_a_bad_region_writes_nothing_and_an_outlandish_price_is_warned_ab
         ];
         ferry(&[&base[..], extra].concat())
     };
+    let no_scheme = ferry(&[
+        "relay",
+        "--registry",
+        "127.0.0.1:7070",
+        "--key",
+        key.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(text(&no_scheme).contains("is not a URL (https://host:port)"), "{}", text(&no_scheme));
+    assert!(!key.exists() && !data.exists(), "a relay with a bad URL wrote its key or data");
     let refused = relay(&["--region", "Europe West"]);
     assert!(!refused.status.success());
     assert!(
@@ -292,4 +305,19 @@ fn a_relay_with_a_bad_region_writes_nothing_and_an_outlandish_price_is_warned_ab
     let usual = relay(&["--region", "eu-west"]);
     assert!(!String::from_utf8_lossy(&usual.stderr).contains("warning: the price"));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_unreachable_registry_is_one_line_that_names_the_next_step() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let output = ferry(&["relays", "--registry", &format!("http://{free}")]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("error: cannot reach the registry at http://{free} (")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("`ferry registry`") && stderr.contains("--registry URL"), "{stderr}");
+    assert_eq!(stderr.matches("cannot reach").count(), 1, "{stderr}");
 }

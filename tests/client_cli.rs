@@ -230,6 +230,7 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
     let too_much = process::run(&[&["withdraw", "1000"][..], &as_relay[..]].concat()).await;
     let text = process::output_text(&too_much);
     assert!(!too_much.status.success() && text.contains("insufficient"), "{text}");
+    assert!(text.contains("not enough money available: `ferry balance`"), "{text}");
     let withdrawn = ferry_json(&[&["withdraw", "--all"], &as_relay[..]].concat()).await;
     assert_eq!(withdrawn["balance"], "0", "{withdrawn}");
     let again = process::run(&[&["withdraw", "--all"][..], &as_relay[..]].concat()).await;
