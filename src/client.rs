@@ -293,10 +293,31 @@ fn read_key(path: &Path) -> anyhow::Result<SecretKey> {
     }
 }
 
-/// Runs a client command.
-pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
+/// Runs a client command. With --json, standard output carries only JSON:
+/// a failure is `{"error": {"code", "message"}}` there, and the exit code
+/// is 1.
+pub async fn run(command: ClientCommand) -> anyhow::Result<std::process::ExitCode> {
+    let (json, registry_url) = (command.client_args().json, command.client_args().registry.clone());
+    let Err(error) = run_command(command).await else {
+        return Ok(std::process::ExitCode::SUCCESS);
+    };
+    let refused = error.chain().find_map(|cause| cause.downcast_ref::<RegistryError>());
+    let code = match refused {
+        Some(RegistryError::Transport(_)) => "registry_unreachable",
+        Some(refused) => refused.code().unwrap_or("registry_error"),
+        None => "error",
+    }
+    .to_owned();
+    let error = explain(error, &registry_url);
+    if !json {
+        return Err(error);
+    }
+    print_json(&json!({ "error": { "code": code, "message": format!("{error:#}") } }))?;
+    Ok(std::process::ExitCode::FAILURE)
+}
+
+async fn run_command(command: ClientCommand) -> anyhow::Result<()> {
     let args = command.client_args();
-    let registry_url = args.registry.clone();
     // Listing relays reads public data: it should not leave a key file
     // behind, so it uses a throwaway key when there is none.
     let key = if matches!(command, ClientCommand::Relays { .. }) && !args.key.exists() {
@@ -306,7 +327,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
     };
     let registry = crate::registry::client(&args.registry, args.registry_ca.as_deref(), key)?;
     let cx = Client { registry, json: args.json };
-    let result = match command {
+    match command {
         ClientCommand::Relays { sort, all, policy, .. } => relays(&cx, sort, all, &policy).await,
         ClientCommand::Balance { .. } => balance(&cx).await,
         ClientCommand::Statement { limit, .. } => statement(&cx, limit).await,
@@ -330,8 +351,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 _ => bail!("give either --to KEY --local ADDR, or --serve ADDR"),
             }
         }
-    };
-    result.map_err(|error| explain(error, &registry_url))
+    }
 }
 
 /// Adds what to do to the errors people meet first.
@@ -978,7 +998,16 @@ async fn receive(
     let endpoint = Endpoint::new(cx.registry.clone(), config);
     let home = endpoint.listen().await?;
     let relays: Vec<String> = home.home.relays.iter().map(short).collect();
-    crate::announce(&format!("receiving as {} on relays {}", endpoint.key(), relays.join(", ")));
+    if cx.json {
+        let line = json!({ "receiving_as": endpoint.key(), "relays": home.home.relays });
+        crate::announce(&line.to_string());
+    } else {
+        crate::announce(&format!(
+            "receiving as {} on relays {}",
+            endpoint.key(),
+            relays.join(", ")
+        ));
+    }
     let mut stream = endpoint.accept().await.context("the endpoint stopped")?;
     let peer = stream.peer();
     let (name, size) = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut stream))

@@ -165,7 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             None => relay::run(command.run).await,
         }
         .map(|()| ExitCode::SUCCESS),
-        Command::Client(command) => client::run(command).await.map(|()| ExitCode::SUCCESS),
+        Command::Client(command) => client::run(command).await,
         Command::Ledger { command: LedgerCommand::Check { database, json } } => {
             let db = db::Database::open(database.database_url, &database.data_dir).await?;
             let ledger = Ledger::connect(db.options().clone(), LedgerConfig::default()).await?;

@@ -321,3 +321,25 @@ fn an_unreachable_registry_is_one_line_that_names_the_next_step() {
     assert!(stderr.contains("`ferry registry`") && stderr.contains("--registry URL"), "{stderr}");
     assert_eq!(stderr.matches("cannot reach").count(), 1, "{stderr}");
 }
+
+#[test]
+fn with_json_a_failure_is_json_on_stdout_with_its_code() {
+    let dir = std::env::temp_dir().join(format!("ferry-cli-json-errors-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("me.key");
+    SecretKey::create_file(&key).unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let registry = format!("http://{free}");
+    for (key, code) in [(key.clone(), "registry_unreachable"), (dir.join("typo.key"), "error")] {
+        let output =
+            ferry(&["balance", "--json", "--registry", &registry, "--key", key.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(1));
+        let answer: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|_| panic!("stdout is not JSON: {}", text(&output)));
+        assert_eq!(answer["error"]["code"], code, "{answer}");
+        assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(output.stderr.is_empty(), "{}", text(&output));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

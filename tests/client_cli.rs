@@ -111,9 +111,12 @@ async fn a_person_sends_a_file_forwards_a_port_and_closes_a_channel_with_the_cli
 
     // The same name again: the receiver refuses before the contents flow,
     // and keeps its file.
-    let mut receive_args = args(&as_receiver, &["receive", "--min-reputation", "0"]);
+    let mut receive_args = args(&as_receiver, &["receive", "--min-reputation", "0", "--json"]);
     receive_args.extend(["--out".into(), inbox.display().to_string()]);
-    let (receiving, _) = process::spawn(receive_args).await;
+    let (receiving, line) = process::spawn(receive_args).await;
+    // With --json even the announcement is JSON.
+    let announced: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(announced["receiving_as"], receiver.public().to_string(), "{line}");
     let again = process::run(
         &[
             &["send", file.to_str().unwrap(), "--to", &receiver_key][..],
