@@ -1,14 +1,16 @@
 //! The AEAD under the peer streams' Noise records, measured on this
 //! machine: snow's own transport on its default backend (RustCrypto)
 //! against ferry's record cipher (`ferry_client::secure::RecordCipher`:
-//! ring's ChaCha20-Poly1305, in place), each sealing and then sealing and
+//! ring's ChaCha20-Poly1305 or AES-256-GCM, in place), each sealing and then sealing and
 //! opening full-size records on one core for the same time, with the
 //! copies each does.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ferry_client::secure::{MAX_PLAINTEXT_BYTES, NOISE_PARAMS, RecordCipher, TAG_BYTES};
+use ferry_client::secure::{
+    MAX_PLAINTEXT_BYTES, NOISE_PARAMS, RecordCipher, RecordSuite, TAG_BYTES,
+};
 use snow::{Builder, StatelessTransportState};
 
 use super::Table;
@@ -19,10 +21,15 @@ const RUN: Duration = Duration::from_millis(1500);
 /// Adds one row per backend to `table`, with its ratio to snow's default.
 pub fn rows(table: &mut Table) -> anyhow::Result<()> {
     let snow = snow_throughput()?;
-    let ferry = ferry_throughput()?;
+    let chacha = ferry_throughput(RecordSuite::ChaChaPoly)?;
+    let aes = ferry_throughput(RecordSuite::AesGcm)?;
     for (name, (sealed, both)) in [
         ("snow's transport (RustCrypto ChaCha20-Poly1305)", snow),
-        ("ferry's record cipher (ring ChaCha20-Poly1305, in place)", ferry),
+        ("ferry's record cipher (ring ChaCha20-Poly1305, in place)", chacha),
+        (
+            "ferry's record cipher (ring AES-256-GCM, in place; when both peers have AES instructions)",
+            aes,
+        ),
     ] {
         table.row(format!(
             "| AEAD, {name}: encrypt / encrypt and decrypt, {}-byte records, one core | \
@@ -70,17 +77,18 @@ fn snow_throughput() -> anyhow::Result<(f64, f64)> {
 
 /// As the link's writer and reader use it: the plaintext copied behind a
 /// frame and sealed there, the record opened where it was read.
-fn ferry_throughput() -> anyhow::Result<(f64, f64)> {
+fn ferry_throughput(suite: RecordSuite) -> anyhow::Result<(f64, f64)> {
     let mut key = [0; 32];
     getrandom::fill(&mut key).context("a random key")?;
-    let (mut sender, mut receiver) = (RecordCipher::new(&key)?, RecordCipher::new(&key)?);
+    let (mut sender, mut receiver) =
+        (RecordCipher::with(suite, &key)?, RecordCipher::with(suite, &key)?);
     let plaintext = vec![0x5a; MAX_PLAINTEXT_BYTES];
     let mut record = Vec::with_capacity(MAX_PLAINTEXT_BYTES + TAG_BYTES);
     let mut opening = false;
     throughput(|open| {
         if open && !opening {
             // The run with opening starts both ciphers at nonce 0.
-            (sender, opening) = (RecordCipher::new(&key)?, true);
+            (sender, opening) = (RecordCipher::with(suite, &key)?, true);
         }
         record.clear();
         record.extend_from_slice(&plaintext);
