@@ -414,12 +414,7 @@ async fn initiate_offering(
         let offered = offer == RecordSuite::AesGcm;
         handshake.send(if offered { &[AES_GCM_BYTE] } else { &[] }).await?;
         let payload = handshake.receive().await?;
-        let (proof, suite) = match (offered, payload.split_last()) {
-            (true, Some((&AES_GCM_BYTE, proof))) => (proof, RecordSuite::AesGcm),
-            (true, Some((&CHACHA_POLY_BYTE, proof))) => (proof, RecordSuite::ChaChaPoly),
-            // A peer that does not know the offer answers with its proof alone.
-            _ => (payload.as_slice(), RecordSuite::ChaChaPoly),
-        };
+        let (proof, suite) = answer(offered, &payload)?;
         let actual = verify_identity(proof, &handshake.state)?;
         if actual != *peer {
             return Err(SecureError::WrongPeer { expected: *peer, actual });
@@ -429,6 +424,21 @@ async fn initiate_offering(
         handshake.finish(suite)
     })
     .await
+}
+
+/// Message 2's payload split into the callee's proof and the record suite.
+/// The proof's fixed length tells an answer from none: a callee that does
+/// not know the offer answers with its proof alone, whose last byte may be
+/// anything.
+fn answer(offered: bool, payload: &[u8]) -> Result<(&[u8], RecordSuite), SecureError> {
+    match (offered, payload.split_at_checked(IDENTITY_BYTES)) {
+        (true, Some((proof, &[AES_GCM_BYTE]))) => Ok((proof, RecordSuite::AesGcm)),
+        (true, Some((proof, &[CHACHA_POLY_BYTE]))) => Ok((proof, RecordSuite::ChaChaPoly)),
+        (true, Some((_, &[_]))) => {
+            Err(SecureError::Noise("an unknown record cipher answer".into()))
+        }
+        _ => Ok((payload, RecordSuite::ChaChaPoly)),
+    }
 }
 
 /// Runs the accepting side's handshake as `me` over `transport`; returns
@@ -523,8 +533,30 @@ mod tests {
 
     #[tokio::test]
     async fn an_answerer_that_knows_no_offer_is_still_reached_with_chachapoly() {
-        // An older answerer: it ignores message 1's payload and answers
-        // with its bare proof.
+        older_answerer_handshake().await;
+    }
+
+    #[test]
+    fn a_bare_proof_ending_in_an_answer_byte_is_still_a_bare_proof() {
+        // An older callee's proof ends in a random byte, 01 or 00 one time
+        // in 128: its length, not its last byte, says there is no answer.
+        for last in [AES_GCM_BYTE, CHACHA_POLY_BYTE, 7] {
+            let mut proof = vec![5u8; IDENTITY_BYTES];
+            proof[IDENTITY_BYTES - 1] = last;
+            let (bare, suite) = answer(true, &proof).unwrap();
+            assert_eq!((bare.len(), suite), (IDENTITY_BYTES, RecordSuite::ChaChaPoly));
+            let answered = [&proof[..], &[AES_GCM_BYTE]].concat();
+            assert_eq!(answer(true, &answered).unwrap().1, RecordSuite::AesGcm);
+            // Without an offer an extra byte is no answer: the proof check refuses it.
+            assert_eq!(answer(false, &answered).unwrap().0.len(), IDENTITY_BYTES + 1);
+        }
+        let unknown = [&[5u8; IDENTITY_BYTES][..], &[9]].concat();
+        assert!(matches!(answer(true, &unknown), Err(SecureError::Noise(_))));
+    }
+
+    /// An older answerer: it ignores message 1's payload and answers with
+    /// its bare proof.
+    async fn older_answerer_handshake() {
         let (near, far) = tokio::io::duplex(1 << 16);
         let older = tokio::spawn(async move {
             let mut handshake = Handshake::new(Box::new(far), false)?;
