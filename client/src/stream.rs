@@ -439,6 +439,15 @@ enum Fatal {
     Failed(String),
 }
 
+/// However the task ends, a panic included, the application's reads and
+/// writes end too instead of waiting forever. (An end already given, the
+/// peer's, stays.)
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.pipe.end(ReadEnd::Failed("the connection ended".into()), true);
+    }
+}
+
 impl Connection {
     async fn run(mut self, first: Offered) {
         let result = self.serve(first).await;
