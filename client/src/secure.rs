@@ -128,11 +128,6 @@ pub struct RecordCipher {
 }
 
 impl RecordCipher {
-    /// A ChaChaPoly cipher state with `key`, at nonce 0.
-    pub fn new(key: &[u8; 32]) -> Result<RecordCipher, SecureError> {
-        RecordCipher::with(RecordSuite::ChaChaPoly, key)
-    }
-
     /// A cipher state of `suite` with `key`, at nonce 0.
     pub fn with(suite: RecordSuite, key: &[u8; 32]) -> Result<RecordCipher, SecureError> {
         let algorithm = match suite {
@@ -462,12 +457,11 @@ async fn respond_accepting(
         let mut proof = identity(me, &handshake.static_public);
         // Any other first payload is an offer of nothing this side knows.
         let suite = if offer == [AES_GCM_BYTE] {
-            let suite = accept;
-            proof.push(match suite {
+            proof.push(match accept {
                 RecordSuite::AesGcm => AES_GCM_BYTE,
                 RecordSuite::ChaChaPoly => CHACHA_POLY_BYTE,
             });
-            suite
+            accept
         } else {
             RecordSuite::ChaChaPoly
         };
@@ -659,7 +653,7 @@ mod tests {
             let (reader, _) = tokio::io::split(Box::new(far) as Box<dyn Transport>);
             let mut reader = SecureReader {
                 inner: reader,
-                cipher: RecordCipher::new(&[9; 32]).unwrap(),
+                cipher: RecordCipher::with(RecordSuite::ChaChaPoly, &[9; 32]).unwrap(),
                 buffer: BytesMut::new(),
             };
             near.write_all(wire).await.unwrap();
@@ -768,7 +762,10 @@ mod tests {
         }
         let (first, second) = near.dangerously_get_raw_split();
         (
-            (RecordCipher::new(&first).unwrap(), RecordCipher::new(&second).unwrap()),
+            (
+                RecordCipher::with(RecordSuite::ChaChaPoly, &first).unwrap(),
+                RecordCipher::with(RecordSuite::ChaChaPoly, &second).unwrap(),
+            ),
             far.into_stateless_transport_mode().unwrap(),
         )
     }

@@ -455,8 +455,9 @@ impl Connection {
         self.finishing_now = None;
         match result {
             Ok(()) => {
+                // The application's reads already end with the peer's Fin,
+                // and its writes with its own end.
                 tracing::debug!(peer = %self.peer, "peer stream ended");
-                self.pipe.end(ReadEnd::Finished, true);
                 self.linger().await;
             }
             Err(Fatal::AppGone) => tracing::debug!(peer = %self.peer, "the application left"),

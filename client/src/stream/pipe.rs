@@ -216,10 +216,7 @@ impl Pipe {
                     Poll::Pending
                 }
                 Some(ReadEnd::Finished) => Poll::Ready(Ok(())),
-                Some(ReadEnd::Failed(reason)) => Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionAborted,
-                    reason.clone(),
-                ))),
+                Some(ReadEnd::Failed(reason)) => Poll::Ready(Err(aborted(reason))),
             };
         }
         let was_full = shared.incoming_bytes >= RECEIVE_BUFFER_BYTES;
@@ -253,12 +250,15 @@ impl Pipe {
     }
 }
 
+/// The error of a read or write on a connection that failed for `reason`.
+fn aborted(reason: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, reason.to_owned())
+}
+
 /// The error of a write after the stream ended.
 fn ended(shared: &Shared) -> std::io::Error {
     match &shared.read_end {
-        Some(ReadEnd::Failed(reason)) => {
-            std::io::Error::new(std::io::ErrorKind::ConnectionAborted, reason.clone())
-        }
+        Some(ReadEnd::Failed(reason)) => aborted(reason),
         _ => std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the stream's writing ended"),
     }
 }
