@@ -2,6 +2,7 @@
 //! moving files and TCP connections through the market (docs/CLIENT.md,
 //! "The ferry command").
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -491,10 +492,10 @@ fn describe_counterparty(value: &Value) -> String {
     }
 }
 
-/// What one key's channels to one relay moved: as a client pays it.
+/// What some of a key's channels moved: as a client, those to one relay;
+/// as a relay, all of its own.
 #[derive(Debug, Default, serde::Serialize)]
 struct Spending {
-    relay: Option<PublicKey>,
     channels: usize,
     deposited: Amount,
     /// Paid for vouchers: to the relay and the registry's fee.
@@ -515,69 +516,92 @@ impl Spending {
     }
 }
 
+/// A relay key's earnings: gross from its channels, net as the ledger
+/// credited it, the registry's fee between them.
+#[derive(Debug, serde::Serialize)]
+struct Earning {
+    channels: usize,
+    gross: Amount,
+    /// None when the net exceeds the gross seen: the relay has more
+    /// channels than one listing holds.
+    fee: Option<Amount>,
+    net: Amount,
+    /// The listing held only the newest channels.
+    partial: bool,
+}
+
 /// This key's spending by relay (as a client) and its earnings (as a
-/// relay): gross from its channels, net as the ledger credited it, the
-/// registry's fee between them.
-async fn spending(cx: &Client, earned: Amount) -> anyhow::Result<(Vec<Spending>, Value)> {
+/// relay), from its channels.
+async fn spending(
+    cx: &Client,
+    earned: Amount,
+) -> anyhow::Result<(BTreeMap<PublicKey, Spending>, Earning)> {
     let me = cx.registry.key().public();
     let channels = cx.registry.channels().await?;
-    let mut by_relay: Vec<Spending> = Vec::new();
+    let mut by_relay: BTreeMap<PublicKey, Spending> = BTreeMap::new();
     let mut as_relay = Spending::default();
     for channel in &channels {
         if channel.client == me {
-            let index = match by_relay.iter().position(|s| s.relay == Some(channel.relay)) {
-                Some(index) => index,
-                None => {
-                    by_relay.push(Spending { relay: Some(channel.relay), ..Spending::default() });
-                    by_relay.len() - 1
-                }
-            };
-            by_relay[index].add(channel)?;
+            by_relay.entry(channel.relay).or_default().add(channel)?;
         }
         if channel.relay == me {
             as_relay.add(channel)?;
         }
     }
-    // Net can exceed the gross seen when the relay has more channels than
-    // one listing holds; then the fee is unknown here.
-    let fee = as_relay.spent.checked_sub(earned).ok();
-    let earning = json!({
-        "channels": as_relay.channels, "gross": as_relay.spent, "fee": fee, "net": earned,
-        "partial": channels.len() >= ferry_ledger::MAX_CHANNELS_LISTED as usize,
-    });
+    let earning = Earning {
+        channels: as_relay.channels,
+        gross: as_relay.spent,
+        fee: as_relay.spent.checked_sub(earned).ok(),
+        net: earned,
+        partial: channels.len() >= ferry_ledger::MAX_CHANNELS_LISTED as usize,
+    };
     Ok((by_relay, earning))
+}
+
+/// One amount of a balance the registry answered, such as `available`.
+fn balance_amount(balance: &Value, field: &str) -> anyhow::Result<Amount> {
+    balance[field]
+        .as_str()
+        .and_then(|text| text.parse().ok())
+        .with_context(|| format!("the registry's balance has no {field} amount"))
 }
 
 async fn statement(cx: &Client, limit: u32) -> anyhow::Result<()> {
     let mut statement = cx.registry.statement(limit).await?;
-    let balance = cx.registry.balance().await?;
-    let earned: Amount =
-        balance["earned"].as_str().and_then(|t| t.parse().ok()).unwrap_or(Amount::ZERO);
+    let earned = balance_amount(&cx.registry.balance().await?, "earned")?;
     let (by_relay, earning) = spending(cx, earned).await?;
     if cx.json {
-        statement["spending_by_relay"] = json!(by_relay);
-        statement["as_relay"] = earning;
+        let rows: Vec<Value> = by_relay
+            .iter()
+            .map(|(relay, spent)| {
+                let mut row = json!(spent);
+                row["relay"] = json!(relay);
+                row
+            })
+            .collect();
+        statement["spending_by_relay"] = json!(rows);
+        statement["as_relay"] = json!(earning);
         return print_json(&statement);
     }
     println!("balance {}", statement["balance"].as_str().unwrap_or("?"));
-    for spent in &by_relay {
+    for (relay, spent) in &by_relay {
         println!(
             "spent {} on relay {} (fees included) over {} channel(s): deposited {}, refunded {}, still in escrow {}",
             spent.spent,
-            spent.relay.as_ref().map_or_else(String::new, short),
+            short(relay),
             spent.channels,
             spent.deposited,
             spent.refunded,
             spent.in_escrow
         );
     }
-    if earning["channels"].as_u64().unwrap_or(0) > 0 {
+    if earning.channels > 0 {
         println!(
             "earned as a relay over {} channel(s): gross {}, the registry's fee {}, net {}",
-            earning["channels"],
-            text_of(&earning["gross"]),
-            text_of(&earning["fee"]),
-            text_of(&earning["net"])
+            earning.channels,
+            earning.gross,
+            earning.fee.map_or_else(|| "unknown".to_owned(), |fee| fee.to_string()),
+            earning.net
         );
     }
     let entries = statement["entries"].as_array().cloned().unwrap_or_default();
@@ -598,11 +622,6 @@ async fn statement(cx: &Client, limit: u32) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// A JSON string's text, or the value as JSON.
-fn text_of(value: &Value) -> String {
-    value.as_str().map_or_else(|| value.to_string(), str::to_owned)
 }
 
 /// A fresh idempotency key for one money command: each run is a new
@@ -640,11 +659,7 @@ async fn withdraw(cx: &Client, amount: Option<Amount>) -> anyhow::Result<()> {
     let amount = match amount {
         Some(amount) => amount,
         None => {
-            let balance = cx.registry.balance().await?;
-            let available: Amount = balance["available"]
-                .as_str()
-                .and_then(|text| text.parse().ok())
-                .context("the registry's balance has no available amount")?;
+            let available = balance_amount(&cx.registry.balance().await?, "available")?;
             anyhow::ensure!(
                 available > Amount::ZERO,
                 "nothing to withdraw: the available balance is 0"

@@ -264,11 +264,11 @@ fn a_relay_with_a_bad_region_writes_nothing_and_an_outlandish_price_is_warned_ab
         "http://{}",
         std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
     );
-    let relay = |extra: &[&str]| {
+    let relay = |registry: &str, extra: &[&str]| {
         let base = [
             "relay",
             "--registry",
-            &registry,
+            registry,
             "--listen",
             "127.0.0.1:0",
             "--key",
@@ -278,20 +278,10 @@ fn a_relay_with_a_bad_region_writes_nothing_and_an_outlandish_price_is_warned_ab
         ];
         ferry(&[&base[..], extra].concat())
     };
-    let no_scheme = ferry(&[
-        "relay",
-        "--registry",
-        "127.0.0.1:7070",
-        "--key",
-        key.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
+    let no_scheme = relay("127.0.0.1:7070", &[]);
     assert!(text(&no_scheme).contains("is not a URL (https://host:port)"), "{}", text(&no_scheme));
     assert!(!key.exists() && !data.exists(), "a relay with a bad URL wrote its key or data");
-    let refused = relay(&["--region", "Europe West"]);
+    let refused = relay(&registry, &["--region", "Europe West"]);
     assert!(!refused.status.success());
     assert!(
         text(&refused).contains("--region") && text(&refused).contains("a-z"),
@@ -299,10 +289,10 @@ fn a_relay_with_a_bad_region_writes_nothing_and_an_outlandish_price_is_warned_ab
         text(&refused)
     );
     assert!(!key.exists() && !data.exists(), "a refused relay wrote its key or data");
-    let dear = relay(&["--region", "eu-west", "--price-per-byte", "1.0"]);
+    let dear = relay(&registry, &["--region", "eu-west", "--price-per-byte", "1.0"]);
     let stderr = String::from_utf8_lossy(&dear.stderr);
     assert!(stderr.contains("warning: the price is 1073741824 per GiB"), "{stderr}");
-    let usual = relay(&["--region", "eu-west"]);
+    let usual = relay(&registry, &["--region", "eu-west"]);
     assert!(!String::from_utf8_lossy(&usual.stderr).contains("warning: the price"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
